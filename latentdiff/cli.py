@@ -1,17 +1,127 @@
-"""The `latentdiff` command line: `latentdiff generate | make-dataset | bench`."""
+"""The `latentdiff` command line: `latentdiff generate | make-dataset | bench`.
+
+Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
+inside the command that needs them, so `latentdiff --help` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from latentdiff import __version__
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from latentdiff.generate import generate
+
+    paths = generate(
+        args.prompt,
+        output=args.output,
+        model=args.model,
+        negative=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        eta=args.eta,
+        loras=[_lora_spec(spec) for spec in args.lora],
+    )
+    for path in paths:
+        print(f"saved {path}")
+    return 0
+
+
+def _cmd_make_dataset(args: argparse.Namespace) -> int:
+    from latentdiff.data.shapes import write_shapes_dataset
+
+    out = write_shapes_dataset(
+        args.out,
+        num_images=args.num_images,
+        size=args.size,
+        seed=args.seed,
+        star_only=args.include_star_only,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.num_images} images and metadata.jsonl to {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from latentdiff.eval.shapesbench import run_bench_cli
+
+    result = run_bench_cli(
+        model=args.model,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        prompts_file=args.prompts,
+        grid=args.grid,
+        lora=[_lora_spec(spec) for spec in args.lora],
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
+    parser = argparse.ArgumentParser(prog="latentdiff", description="Latent text-to-image diffusion.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)")
+    gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)")
+    gen.set_defaults(func=_cmd_generate)
+
+    data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
+    data.add_argument("world", choices=["shapes"], help="which world to render")
+    data.add_argument("out", help="output folder (must be empty unless --overwrite)")
+    data.add_argument("--num-images", type=int, default=10_000)
+    data.add_argument("--size", type=int, default=64, help="canvas side in pixels (>= 32)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--include-star-only", action="store_true", help="render star scenes (the LoRA demo data)")
+    data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    data.set_defaults(func=_cmd_make_dataset)
+
+    bench = commands.add_parser("bench", help="score a model on ShapesBench")
+    bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
+    bench.add_argument("--steps", type=int, default=25)
+    bench.add_argument("--guidance", type=float, default=5.0)
+    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    bench.add_argument("--prompts", default=None, help="a prompt file (one per line) instead of the fixed set")
+    bench.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)")
+    bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
+    bench.add_argument("--json", default=None, help="write the results as JSON here")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -21,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
