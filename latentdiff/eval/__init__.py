@@ -1,0 +1,1 @@
+"""Evaluation: ShapesBench, prompt-adherence scoring of generated images with a procedural detector."""

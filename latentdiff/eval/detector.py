@@ -1,0 +1,236 @@
+"""The procedural detector of ShapesBench: reads the background and the objects of a shapes-world image.
+
+Steps (shared/SHAPES.md, "ShapesBench"), for an RGB image p of side S:
+
+| step       | rule                                                                                       |
+|------------|--------------------------------------------------------------------------------------------|
+| background | b = the background colour nearest (over the whole palette) to the most pixels               |
+| colour     | each pixel is read as a mix p ≈ b + α·(c − b) of b and one palette colour c ≠ b: c is the   |
+|            | colour whose mixing line passes nearest p, α = clip((p − b)·(c − b) / ‖c − b‖², 0, 1); the  |
+|            | pixel belongs to c when α ≥ ½ (an anti-aliased edge pixel goes to the side it mostly is)    |
+| regions    | 8-connected components of same-colour pixels; a region whose Σα is below                    |
+|            | MIN_AREA_FRACTION·S² is noise and dropped                                                  |
+| geometry   | soft area A = Σα over the region and its one-pixel fringe; centroid = the α-weighted mean   |
+| shape      | each shape's template (SHAPE_GEOMETRY: fill f = area / box area, centroid offset) is drawn |
+|            | with box side d = √(A / f) on the region's centroid; the shape whose template differs least |
+|            | from the region's α (Σ|α − template| / A) is read: fill ratio, corners, symmetry at once    |
+| size       | `large` when the fitted box side d ≥ 0.25·S, else `small` (boxes are 0.30·S and 0.20·S)    |
+| position   | the 3×3 cell holding the α-weighted centroid                                               |
+
+Regions whose colour is a background colour (e.g. a black blob on white) are reported as objects too, with that
+colour, so that they count as extra objects against a prompt. Pure numpy, plus PIL to draw the templates: about
+2.5 ms of CPU per 64×64 image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from latentdiff.data.shapes import (
+    BACKGROUND_COLORS,
+    OBJECT_COLORS,
+    POSITIONS,
+    STAR,
+    shape_coverage,
+    star_points,
+)
+
+MIN_AREA_FRACTION = 0.003  # regions smaller than this fraction of the canvas are noise
+LARGE_THRESHOLD = 0.25  # bounding-box side (fraction of S) between small (0.20) and large (0.30)
+
+_PALETTE_NAMES = (*OBJECT_COLORS, *BACKGROUND_COLORS)
+_PALETTE = np.array([*OBJECT_COLORS.values(), *BACKGROUND_COLORS.values()], dtype=np.float32)  # (K, 3)
+_BACKGROUND_INDEX = {name: _PALETTE_NAMES.index(name) for name in BACKGROUND_COLORS}
+_CELL_NAMES = {cell: name for name, cell in POSITIONS.items()}
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One region the detector read. color is an object colour, or a background colour for a stray blob.
+
+    bbox: (x0, y0, x1, y1) in pixels of the pixels with α ≥ ½ (x1, y1 exclusive); centroid (x, y) in pixels;
+    area: soft area Σα in pixels; box_side: the side d in pixels of the fitted template's box.
+    """
+
+    color: str
+    shape: str
+    size: str
+    position: str
+    area: float
+    box_side: float
+    bbox: tuple[int, int, int, int]
+    centroid: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detector's reading of one image: the background colour name and the objects, largest first."""
+
+    background: str
+    objects: tuple[DetectedObject, ...]
+
+
+def _as_rgb_array(image) -> np.ndarray:
+    """A PIL image or a (H, W, 3) uint8 array in 0..255 -> (H, W, 3) float32 array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise TypeError(
+            f"image must be a PIL image or a (H, W, 3) uint8 array, got {type(image).__name__} "
+            f"with shape {getattr(array, 'shape', None)} and dtype {getattr(array, 'dtype', None)}"
+        )
+    return array.astype(np.float32)
+
+
+def _background(pixels: np.ndarray) -> str:
+    """The background colour nearest to the most pixels. pixels: (N, 3)."""
+    # ‖p − c‖² = ‖p‖² − 2 p·c + ‖c‖²; ‖p‖² is the same for every c
+    nearest = ((_PALETTE**2).sum(-1) - 2 * pixels @ _PALETTE.T).argmin(1)
+    counts = np.bincount(nearest, minlength=len(_PALETTE))
+    return max(BACKGROUND_COLORS, key=lambda name: counts[_BACKGROUND_INDEX[name]])
+
+
+def _unmix(pixels: np.ndarray, background: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads each pixel as b + α·(c − b). pixels: (N, 3). Returns (colour index (N,), α (N, K)) where colour
+    index is the palette colour whose mixing line is nearest and α holds every colour's mixing weight."""
+    b = _PALETTE[_BACKGROUND_INDEX[background]]
+    directions = _PALETTE - b  # (K, 3), c − b
+    norms = (directions**2).sum(-1)
+    norms[_BACKGROUND_INDEX[background]] = np.inf  # b is not a candidate against itself
+    offsets = pixels - b  # (N, 3), p − b
+    dots = offsets @ directions.T  # (N, K), (p − b)·(c − b)
+    alpha = np.clip(dots / norms, 0.0, 1.0)  # (N, K)
+    # ‖(p − b) − α(c − b)‖² = ‖p − b‖² − 2α (p − b)·(c − b) + α² ‖c − b‖²; ‖p − b‖² is the same for every c
+    residual = alpha * (alpha * np.where(np.isinf(norms), 0.0, norms) - 2 * dots)
+    residual[:, _BACKGROUND_INDEX[background]] = np.inf
+    return residual.argmin(1), alpha
+
+
+def connected_components(classes: np.ndarray) -> np.ndarray:
+    """8-connected components of equal class. classes: (H, W) int, −1 for background.
+
+    Returns (H, W) int64 component ids (−1 for background); a component's id is the largest flat index among its
+    pixels. Label propagation (each pixel takes the largest id among same-class neighbours) with pointer jumping.
+    """
+    height, width = classes.shape
+    foreground = classes >= 0
+    ids = np.where(foreground, np.arange(height * width).reshape(height, width), -1)
+    padded_classes = np.pad(classes, 1, constant_values=-1)
+    same = [  # same[k]: the neighbour at offset k is in the same class
+        foreground & (padded_classes[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] == classes)
+        for dy, dx in _NEIGHBOURS
+    ]
+    while True:
+        padded = np.pad(ids, 1, constant_values=-1)
+        new = ids.copy()
+        for (dy, dx), mask in zip(_NEIGHBOURS, same):
+            np.maximum(
+                new, np.where(mask, padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width], -1), out=new
+            )
+        flat = new.ravel()
+        for _ in range(4):  # pointer jumping: an id points at a pixel of the same component with a larger id
+            flat[foreground.ravel()] = np.maximum(flat, flat[np.maximum(flat, 0)])[foreground.ravel()]
+        if np.array_equal(new, ids):
+            return ids
+        ids = new
+
+
+def _polygon_fill_and_centroid(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(area, centroid y) of a polygon by the shoelace formula."""
+    xs, ys = np.array(points).T
+    cross = xs * np.roll(ys, -1) - np.roll(xs, -1) * ys
+    area = cross.sum() / 2
+    return float(abs(area)), float(((ys + np.roll(ys, -1)) * cross).sum() / (6 * area))
+
+
+_STAR_FILL, _STAR_CENTROID_Y = _polygon_fill_and_centroid(star_points(-0.5, -0.5, 0.5, 0.5))
+# shape -> (fill: area over its d×d box's area, centroid's y below the box centre in units of d)
+SHAPE_GEOMETRY: dict[str, tuple[float, float]] = {
+    "square": (1.0, 0.0),
+    "circle": (math.pi / 4, 0.0),
+    "triangle": (0.5, 1 / 6),  # a triangle's centroid lies a third of the way up from its base
+    STAR: (_STAR_FILL, _STAR_CENTROID_Y),  # ≈ (0.311, 0.052) for a regular star 0.951 as tall as wide
+}
+
+
+def _read_shape(soft: np.ndarray, origin: tuple[int, int]) -> tuple[str, float, tuple[float, float]]:
+    """Fits each shape's template to a region's soft coverage and keeps the nearest.
+
+    soft: (h, w) coverage α of one region in a window whose top-left pixel is origin (x, y) of the image. Each
+    template is placed by moments: its box side d = √(A / fill) from the soft area A, its centroid on the region's
+    α-weighted centroid. Returns (shape, box side d in pixels, centroid (x, y) in image pixels).
+    """
+    area = float(soft.sum())
+    grid_y, grid_x = np.mgrid[0 : soft.shape[0], 0 : soft.shape[1]]
+    cx = float((soft * (grid_x + 0.5)).sum() / area)
+    cy = float((soft * (grid_y + 0.5)).sum() / area)
+    best = None
+    for shape, (fill, centroid_y) in SHAPE_GEOMETRY.items():
+        d = math.sqrt(area / fill)
+        box = (cx - d / 2, cy - centroid_y * d - d / 2, cx + d / 2, cy - centroid_y * d + d / 2)
+        # pad the window so the template fits whole: the part it draws outside the region counts as error
+        pad = math.ceil(max(0.0, -box[0], -box[1], box[2] - soft.shape[1], box[3] - soft.shape[0])) + 1
+        template = shape_coverage(
+            shape, tuple(v + pad for v in box), soft.shape[0] + 2 * pad, soft.shape[1] + 2 * pad
+        )
+        error = float(np.abs(np.pad(soft, pad) - template).sum()) / area
+        if best is None or error < best[0]:
+            best = (error, shape, d)
+    return best[1], best[2], (cx + origin[0], cy + origin[1])
+
+
+def detect(image) -> Detection:
+    """Reads a shapes-world image: a PIL image or a (H, W, 3) uint8 array. Returns a Detection."""
+    rgb = _as_rgb_array(image)
+    height, width, _ = rgb.shape
+    pixels = rgb.reshape(-1, 3)
+    background = _background(pixels)
+    colour, alpha = _unmix(pixels, background)
+    alpha = alpha.reshape(height, width, -1)
+    colour = colour.reshape(height, width)
+    own_alpha = np.take_along_axis(alpha, colour[..., None], axis=2)[..., 0]  # α of each pixel's own colour
+    components = connected_components(np.where(own_alpha >= 0.5, colour, -1))
+    side = math.sqrt(height * width)
+    # noise first: regions whose own Σα is below MIN_AREA_FRACTION·S² are dropped before any geometry
+    ids, inverse = np.unique(components, return_inverse=True)
+    core_area = np.bincount(inverse.ravel(), weights=own_alpha.ravel())
+    kept = [c for c, a in zip(ids, core_area) if c >= 0 and a >= MIN_AREA_FRACTION * side * side]
+    objects = []
+    for component in kept:
+        core = components == component
+        ys, xs = np.nonzero(core)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        k = int(colour[ys[0], xs[0]])
+        # the region and its one-pixel fringe of the same colour, in a window one pixel wider than its box
+        wy0, wy1, wx0, wx1 = max(y0 - 1, 0), min(y1 + 1, height), max(x0 - 1, 0), min(x1 + 1, width)
+        padded_core = np.pad(core[wy0:wy1, wx0:wx1], 1)
+        grown = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
+        for dy, dx in [(0, 0), *_NEIGHBOURS]:  # 3×3 dilation
+            grown |= padded_core[
+                1 + dy : padded_core.shape[0] - 1 + dy, 1 + dx : padded_core.shape[1] - 1 + dx
+            ]
+        fringe = grown & (colour[wy0:wy1, wx0:wx1] == k)
+        soft = np.where(fringe, alpha[wy0:wy1, wx0:wx1, k], 0.0).astype(np.float32)
+        area = float(soft.sum())
+        shape, d, (cx, cy) = _read_shape(soft, (wx0, wy0))
+        cell = (min(int(3 * cy / height), 2), min(int(3 * cx / width), 2))
+        objects.append(
+            DetectedObject(
+                color=_PALETTE_NAMES[k],
+                shape=shape,
+                size="large" if d >= LARGE_THRESHOLD * side else "small",
+                position=_CELL_NAMES[cell],
+                area=area,
+                box_side=d,
+                bbox=(x0, y0, x1, y1),
+                centroid=(cx, cy),
+            )
+        )
+    objects.sort(key=lambda o: -o.area)
+    return Detection(background, tuple(objects))

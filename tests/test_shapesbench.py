@@ -1,0 +1,258 @@
+"""ShapesBench: the detector reads rendered scenes, the scores mean what they say, the bench runs end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.data.shapes import (
+    BACKGROUND_COLORS,
+    HELD_OUT_PAIRS,
+    ObjectSpec,
+    Scene,
+    describe_scene,
+    format_caption,
+    parse_caption,
+    render_scene,
+    sample_scene,
+    scene_for_caption,
+)
+from latentdiff.eval.detector import connected_components, detect
+from latentdiff.eval.shapesbench import (
+    ALL_GROUPS,
+    GROUPS,
+    METRICS,
+    bench_prompts,
+    detector_accuracy,
+    evaluate,
+    matches_prompt,
+    read_prompt_file,
+    run_bench,
+    score,
+    vae_ceiling,
+)
+
+
+def render_prompt(text: str, seed: int, size: int = 64) -> Image.Image:
+    """A perfect generator: renders what the prompt states."""
+    return render_scene(scene_for_caption(parse_caption(text), np.random.default_rng(seed)), size)
+
+
+@pytest.mark.parametrize("size", [32, 48, 64, 96, 128])
+def test_detector_reads_rendered_scenes_on_every_background(size):
+    rng = np.random.default_rng(size)
+    matched = total = 0
+    for index in range(40):
+        scene = sample_scene(rng, allow_held_out=True, star_only=index % 5 == 4)
+        for background in BACKGROUND_COLORS:
+            shown = dataclasses.replace(scene, background=background)
+            matched += matches_prompt(render_scene(shown, size), format_caption(describe_scene(shown)))
+            total += 1
+    assert matched / total >= 0.99
+
+
+def test_detector_accuracy_reports_full_match():
+    result = detector_accuracy(num_scenes=60, size=64, include_star=True)
+    assert set(METRICS) <= set(result) and result["num_prompts"] == 60
+    assert result["full_match"] >= 0.99
+
+
+def test_detector_rejects_an_extra_object():
+    scene = Scene(
+        "white",
+        (ObjectSpec("red", "circle", "large", "left"), ObjectSpec("red", "square", "small", "top right")),
+    )
+    image = render_scene(scene, 64)
+    assert matches_prompt(image, format_caption(describe_scene(scene)))  # control: the full caption matches
+    first_only = dataclasses.replace(scene, objects=scene.objects[:1])
+    result = evaluate(image, format_caption(describe_scene(first_only)))
+    assert all(all(v) for v in result.correct.values())  # every stated attribute is right ...
+    assert not result.full_match  # ... but there is one object too many
+
+
+def test_a_blank_image_matches_no_prompt():
+    blank = Image.new("RGB", (64, 64), BACKGROUND_COLORS["gray"])
+    detection = detect(blank)
+    assert detection.objects == () and detection.background == "gray"
+    assert not matches_prompt(blank, "a small red circle on the left on a gray background")
+    assert not matches_prompt(blank, "a red circle")
+
+
+def test_detector_ignores_a_stray_speck_but_counts_a_blob():
+    scene = Scene("black", (ObjectSpec("blue", "circle", "large", "center"),))
+    pixels = np.array(render_scene(scene, 64))
+    pixels[2:4, 2:4] = (220, 40, 40)  # a 2×2 red speck: noise
+    assert matches_prompt(Image.fromarray(pixels), "a large blue circle in the center on a black background")
+    pixels[2:10, 2:10] = (240, 240, 240)  # an 8×8 white blob: an extra object, even in a background colour
+    assert not matches_prompt(
+        Image.fromarray(pixels), "a large blue circle in the center on a black background"
+    )
+
+
+def test_connected_components_separate_same_colour_regions():
+    classes = np.full((6, 7), -1)
+    classes[0:2, 0:2] = 3  # a block
+    classes[4, 4] = classes[5, 5] = 3  # two pixels touching at a corner: one region under 8-connectivity
+    classes[0:3, 5] = 1  # a region of another class
+    classes[0:2, 2] = 1  # touching the block but of another class
+    labels = connected_components(classes)
+    assert labels[0, 0] == labels[1, 1] != labels[0, 2]
+    assert labels[4, 4] == labels[5, 5] != labels[0, 0]
+    assert labels[0, 5] == labels[2, 5] != labels[0, 2]
+    assert len(np.unique(labels[labels >= 0])) == 4 and (labels[classes < 0] == -1).all()
+
+
+def test_scores_count_each_attribute():
+    prompt = "a large red circle on the left on a white background"
+    wrong_size = render_scene(Scene("white", (ObjectSpec("red", "circle", "small", "left"),)), 64)
+    result = score([wrong_size], [prompt])["single"]
+    assert result["size"] == 0.0 and result["full_match"] == 0.0
+    assert result["color"] == result["shape"] == result["position"] == result["background"] == 1.0
+    wrong_colour = render_scene(Scene("white", (ObjectSpec("blue", "circle", "large", "left"),)), 64)
+    result = score([wrong_colour], [prompt])["single"]
+    assert result["color"] == 0.0 and result["shape"] == 1.0 and result["full_match"] == 0.0
+
+
+def test_two_object_prompts_match_objects_by_colour_and_shape():
+    image = render_scene(
+        Scene(
+            "black",
+            (
+                ObjectSpec("yellow", "triangle", "large", "top"),
+                ObjectSpec("blue", "square", "small", "bottom"),
+            ),
+        ),
+        64,
+    )
+    # stated in the other order than the detector lists them (largest first)
+    prompt = "a small blue square at the bottom and a large yellow triangle at the top, on a black background"
+    assert score([image], [prompt])["two"]["full_match"] == 1.0
+    swapped = (
+        "a small blue square at the top and a large yellow triangle at the bottom, on a black background"
+    )
+    result = score([image], [swapped])["two"]
+    assert result["position"] == 0.0 and result["color"] == result["shape"] == 1.0
+
+
+def test_bench_prompts_are_fixed_and_state_every_attribute():
+    prompts = bench_prompts(ALL_GROUPS)
+    assert prompts == bench_prompts(ALL_GROUPS)
+    assert bench_prompts(["two"]) == [p for p in prompts if p.group == "two"]  # a group stands alone
+    for group in ALL_GROUPS:
+        texts = [p.text for p in prompts if p.group == group]
+        assert 40 <= len(texts) == len(set(texts)) <= 60
+        assert [p.seed for p in prompts if p.group == group] == list(range(len(texts)))
+    for prompt in prompts:
+        caption = parse_caption(prompt.text)
+        assert caption.background is not None
+        assert all(o.size is not None and o.position is not None for o in caption.objects)
+        pairs = {(o.color, o.shape) for o in caption.objects}
+        assert len(caption.objects) == (2 if prompt.group == "two" else 1)
+        assert bool(pairs & HELD_OUT_PAIRS) == (prompt.group == "held_out")
+        assert any(o.shape == "star" for o in caption.objects) == (prompt.group == "star")
+    held_out = {
+        (o.color, o.shape) for p in prompts if p.group == "held_out" for o in parse_caption(p.text).objects
+    }
+    assert held_out == HELD_OUT_PAIRS
+
+
+def test_perfect_and_wrong_generators_score_one_and_zero():
+    prompts = bench_prompts(ALL_GROUPS, per_group=12)
+    perfect = score([render_prompt(p.text, p.seed) for p in prompts], prompts)
+    assert set(perfect) == set(ALL_GROUPS)
+    for group in ALL_GROUPS:
+        assert all(perfect[group][m] == 1.0 for m in METRICS), group
+
+    def recolour(text: str) -> str:  # red <-> blue, everything else kept
+        return text.replace("red", "#").replace("blue", "red").replace("#", "blue")
+
+    changed = [p for p in prompts if p.group == "single" and ("red" in p.text or "blue" in p.text)]
+    wrong = score([render_prompt(recolour(p.text), p.seed) for p in changed], changed)["single"]
+    assert wrong["color"] == 0.0 and wrong["full_match"] == 0.0 and wrong["shape"] == 1.0
+
+
+def test_read_prompt_file_names_the_bad_line(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text(
+        "# my prompts\na red circle\n\na green triangle and a blue square, on a black background\n"
+    )
+    prompts = read_prompt_file(good)
+    assert [(p.group, p.seed) for p in prompts] == [("single", 0), ("held_out", 1)]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\na red dodecahedron on the left\n")
+    with pytest.raises(ValueError, match=r"line 2.*dodecahedron"):
+        read_prompt_file(bad)
+
+
+def test_run_bench_returns_the_issue_json_and_a_grid(tmp_path):
+    calls = []
+
+    def generate(texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        calls.append(len(texts))
+        return [render_prompt(t, s) for t, s in zip(texts, seeds)]
+
+    prompts = bench_prompts(per_group=5)
+    result = run_bench(
+        generate,
+        prompts,
+        detector_scenes=20,
+        batch_size=4,
+        settings={"sampler": "ddim", "steps": 25},
+        grid_path=tmp_path / "grid.png",
+        progress=False,
+    )
+    assert set(result) == {*GROUPS, "detector", "vae_ceiling", "settings"}
+    assert calls == [4, 4, 4, 3]
+    for group in GROUPS:
+        assert result[group]["full_match"] == 1.0 and result[group]["num_prompts"] == 5
+    assert result["detector"]["full_match"] == 1.0 and result["vae_ceiling"] == {"full_match": None}
+    assert result["settings"]["steps"] == 25 and result["settings"]["prompts_per_group"]["two"] == 5
+    json.dumps(result)  # JSON as it stands
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 0 and grid.height > 0
+
+
+class IdentityVAE(torch.nn.Module):
+    """A stand-in AutoencoderKL whose latents are the image itself: its reconstructions are exact."""
+
+    config = SimpleNamespace(scaling_factor=0.18215, shift_factor=None, block_out_channels=(4,))
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def encode(self, images):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=images))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=latents)
+
+
+def test_vae_ceiling_measures_the_vae():
+    assert vae_ceiling(IdentityVAE(), num_scenes=30, size=32)["full_match"] == 1.0
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    untrained = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).eval()
+    assert vae_ceiling(untrained, num_scenes=12, size=32)["full_match"] < 0.5
