@@ -64,17 +64,50 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from latentdiff.eval.shapesbench import run_bench_cli
+    import torch
 
-    result = run_bench_cli(
-        model=args.model,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        prompts_file=args.prompts,
-        grid=args.grid,
-        lora=[_lora_spec(spec) for spec in args.lora],
+    from latentdiff.conditioning import vae_scale_factor
+    from latentdiff.eval import shapesbench
+    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from pipelines.latent_pipeline import LatentPipeline
+
+    if args.prompts:  # read (and check) the prompt file before loading any model
+        prompts = shapesbench.read_prompt_file(args.prompts)
+    else:
+        groups = (*shapesbench.GROUPS, shapesbench.STAR_GROUP) if args.star else shapesbench.GROUPS
+        prompts = shapesbench.bench_prompts(groups)
+    pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
+    if type(pipe.scheduler) is not sampler_class:
+        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    for path, scale in (_lora_spec(spec) for spec in args.lora):
+        pipe.load_lora_weights(path, scale=scale)
+
+    def generate_fn(texts: list[str], seeds: list[int]) -> list:
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipe(
+            texts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators
+        ).images
+
+    settings = {
+        "model": args.model or "embedded default",
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "lora": args.lora,
+    }
+    result = shapesbench.run_bench(
+        generate_fn,
+        prompts,
+        vae=pipe.vae,
+        image_size=pipe.unet.config.sample_size * vae_scale_factor(pipe.vae),
+        settings=settings,
+        grid_path=args.grid,
     )
+    print(shapesbench.format_table(result))
+    if args.grid:
+        print(f"saved a sample grid to {args.grid}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -88,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)")
+    gen.add_argument(
+        "-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)"
+    )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
@@ -99,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)")
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
+    )
     gen.set_defaults(func=_cmd_generate)
 
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
@@ -108,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-images", type=int, default=10_000)
     data.add_argument("--size", type=int, default=64, help="canvas side in pixels (>= 32)")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--include-star-only", action="store_true", help="render star scenes (the LoRA demo data)")
+    data.add_argument(
+        "--include-star-only", action="store_true", help="render star scenes (the LoRA demo data)"
+    )
     data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     data.set_defaults(func=_cmd_make_dataset)
 
@@ -117,8 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=25)
     bench.add_argument("--guidance", type=float, default=5.0)
     bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    bench.add_argument("--prompts", default=None, help="a prompt file (one per line) instead of the fixed set")
-    bench.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)")
+    bench.add_argument(
+        "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
+    )
+    bench.add_argument(
+        "--star", action="store_true", help="also score the star prompts (the LoRA demonstration)"
+    )
+    bench.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
+    )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_cmd_bench)
