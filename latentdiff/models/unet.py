@@ -1,0 +1,782 @@
+"""The conditional UNet of latent diffusion (Rombach et al. 2022, sec. 3.3), read leaf-first: timestep
+embedding, ResBlock, down/up samplers, the UNet blocks, the config, then `ConditionalUNet`.
+
+ε_θ(z_t, t, τ_θ(y)) maps noisy latents z_t (B, C, H, W), a timestep t and text embeddings τ_θ(y) (B, L, D)
+to a tensor shaped like z_t (the noise ε, the velocity v or x̂₀: the UNet does not know which; the scheduler
+does).
+
+| code name               | symbol | meaning                                                                 |
+|-------------------------|--------|-------------------------------------------------------------------------|
+| `sample`                | z_t    | noisy latents (B, C_in, H, W), already scaled by the VAE scaling factor |
+| `timestep`              | t      | integer (or fractional) diffusion step, 0 <= t < T                      |
+| `encoder_hidden_states` | τ_θ(y) | text embeddings (B, L, D), D = `cross_attention_dim`                    |
+| `emb`                   | e_t    | timestep embedding after its MLP, (B, 4·C_0)                            |
+| `skips`                 | h_i    | feature maps saved on the way down, concatenated on the way up          |
+
+Parameter names, the config file and the weights file are those of diffusers' `UNet2DConditionModel`: the
+`unet/` folder of a Stable Diffusion 1.x/2.x repository in the diffusers layout loads as it is, and what
+`save_pretrained` writes loads in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from latentdiff.models.attention import SpatialTransformer, TransformerBlock
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PICKLE_WEIGHTS_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timestep embedding
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 1e4,
+) -> torch.Tensor:
+    """Sinusoidal embedding of the timesteps (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, appendix B).
+
+    With k = dim // 2 frequencies ω_j = max_period^(−j / (k − freq_shift)), j = 0 … k−1, the embedding of t
+    is [sin(t ω), cos(t ω)], or [cos(t ω), sin(t ω)] when `flip_sin_to_cos` (Stable Diffusion), zero-padded to
+    `dim`.
+
+    Args:
+        timesteps: (B,) integer or fractional steps.
+        dim: embedding width.
+    Returns:
+        (B, dim) float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    frequencies = torch.exp(exponent / (half - freq_shift))  # ω_j
+    angles = timesteps[:, None].float() * frequencies[None, :]  # (B, k)
+    pair = (angles.cos(), angles.sin()) if flip_sin_to_cos else (angles.sin(), angles.cos())
+    return F.pad(torch.cat(pair, dim=-1), (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP on the sinusoidal embedding: Linear, SiLU, Linear."""
+
+    def __init__(self, in_dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, emb_dim)
+        self.linear_2 = nn.Linear(emb_dim, emb_dim)
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, emb_dim)."""
+        return self.linear_2(F.silu(self.linear_1(t_emb)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ResBlock and samplers
+
+
+class ResBlock(nn.Module):
+    """Residual block with timestep injection (Ho et al. 2020, appendix B; guided-diffusion's ResBlock):
+
+        h = conv1(SiLU(GroupNorm(x))) + Linear(SiLU(e_t))
+        h = conv2(dropout(SiLU(GroupNorm(h))))
+        out = skip(x) + h,  skip = 1x1 conv when the channel count changes, else identity.
+
+    Args:
+        in_channels, out_channels: channels of x and of the output.
+        emb_dim: width of the timestep embedding e_t.
+        norm_groups, norm_eps: GroupNorm groups and epsilon (both norms).
+        dropout: dropout probability before conv2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        norm_groups: int,
+        norm_eps: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=norm_eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, H, W), emb (B, E) -> (B, C_out, H, W)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour interpolation, then a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# UNet blocks: one resolution level each. `attentions` is None on levels without attention.
+
+
+class DownBlock(nn.Module):
+    """One level on the way down: (ResBlock, [SpatialTransformer]) × n, then an optional Downsample. Every
+    output is kept as a skip connection for the way up."""
+
+    def __init__(
+        self,
+        resnets: list[ResBlock],
+        attentions: list[SpatialTransformer] | None,
+        downsample: Downsample | None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.downsamplers = nn.ModuleList([downsample]) if downsample else None
+
+    def forward(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h (B, C, H, W) -> (h', skips): h' (B, C', H', W') and the n (or n+1) maps to keep."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: ResBlock, then (SpatialTransformer, ResBlock) per attention layer (none or one)."""
+
+    def __init__(self, resnets: list[ResBlock], attentions: list[SpatialTransformer]) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        h = self.resnets[0](h, emb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            h = resnet(attention(h, context), emb)
+        return h
+
+
+class UpBlock(nn.Module):
+    """One level on the way up: (concatenate a skip, ResBlock, [SpatialTransformer]) × (n+1), then an optional
+    Upsample."""
+
+    def __init__(
+        self, resnets: list[ResBlock], attentions: list[SpatialTransformer] | None, upsample: Upsample | None
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.upsamplers = nn.ModuleList([upsample]) if upsample else None
+
+    def forward(
+        self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """h (B, C, H, W) and one skip per ResBlock, the last made first -> (B, C', H', W')."""
+        for i, (resnet, skip) in enumerate(zip(self.resnets, skips)):
+            h = resnet(torch.cat([h, skip], dim=1), emb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def _per_level(value: int | tuple[int, ...], levels: int, name: str) -> tuple[int, ...]:
+    """An int (the same on every level) or one int per level -> one int per level."""
+    if isinstance(value, int):
+        return (value,) * levels
+    if len(value) != levels:
+        raise ValueError(
+            f"{name}={value!r} has {len(value)} entries but block_out_channels has {levels} levels; "
+            f"give one int for all levels or one per level"
+        )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that shapes a `ConditionalUNet`. The defaults are Stable Diffusion 1.5's UNet.
+
+    Stable Diffusion 2.x (768 px, v-prediction): `num_attention_heads=(5, 10, 20, 20)` (64-channel heads),
+    `cross_attention_dim=1024`, `use_linear_projection=True`, `upcast_attention=True` (2.1), `sample_size=96`.
+
+    Per-level values run from the highest resolution (level 0) down; the up path mirrors them. A head has
+    channels // heads channels. Saved as diffusers' `config.json` (see `to_diffusers` / `from_diffusers`).
+    """
+
+    sample_size: int | None = 64  # latent H = W it was trained at (a default for pipelines, not enforced)
+    in_channels: int = 4  # C_in of the latents
+    out_channels: int = 4  # C_out of the prediction
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # channels per level; levels = len(...)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # which levels have spatial transformers
+    mid_block_attention: bool = True  # a spatial transformer in the bottleneck (UNetMidBlock2DCrossAttn)
+    layers_per_block: int | tuple[int, ...] = 2  # ResBlocks per level going down (one more going up)
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # blocks per spatial transformer, per level
+    num_attention_heads: int | tuple[int, ...] = 8  # heads per level (config.json: `attention_head_dim`)
+    cross_attention_dim: int = 768  # width D of the text embeddings
+    use_linear_projection: bool = False  # transformer projections: Linear (SD 2.x) or 1x1 conv (SD 1.x)
+    upcast_attention: bool = False  # attention in float32 under float16/bfloat16 (SD 2.1)
+    norm_num_groups: int = 32  # GroupNorm groups everywhere
+    norm_eps: float = 1e-5  # GroupNorm epsilon in ResBlocks and the output head
+    flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (SD) or [sin, cos]
+    freq_shift: int = 0  # timestep embedding frequency shift (0 in SD; 1 in the DDPM code)
+    dropout: float = 0.0  # ResBlock dropout
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # lists (JSON, YAML) -> tuples, so that configs compare equal
+            if isinstance(getattr(self, field.name), list):
+                object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
+        levels = len(self.block_out_channels)
+        if levels < 1 or any(c < 1 for c in self.block_out_channels):
+            raise ValueError(
+                f"block_out_channels={self.block_out_channels!r} must be one positive int per level"
+            )
+        if len(self.attention_levels) != levels:
+            raise ValueError(
+                f"attention_levels={self.attention_levels!r} needs one bool per level ({levels} levels)"
+            )
+        for name in ("layers_per_block", "transformer_layers_per_block", "num_attention_heads"):
+            if any(v < 1 for v in _per_level(getattr(self, name), levels, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels={self.block_out_channels!r} must be divisible by "
+                    f"norm_num_groups={self.norm_num_groups} (GroupNorm); change one of them"
+                )
+        for level, channels in enumerate(self.block_out_channels):
+            heads = self.heads[level]
+            has_attention = self.attention_levels[level] or (level == levels - 1 and self.mid_block_attention)
+            if has_attention and heads > channels:
+                raise ValueError(
+                    f"num_attention_heads={heads} on level {level} exceeds its {channels} channels; "
+                    f"use fewer heads"
+                )
+
+    # ---- per-level views ----
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return _per_level(self.num_attention_heads, self.levels, "num_attention_heads")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return _per_level(self.layers_per_block, self.levels, "layers_per_block")
+
+    @property
+    def transformer_layers(self) -> tuple[int, ...]:
+        return _per_level(self.transformer_layers_per_block, self.levels, "transformer_layers_per_block")
+
+    # ---- diffusers' config.json ----
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `config.json` dict of the equivalent diffusers `UNet2DConditionModel`.
+
+        diffusers' quirk, kept so that its loader reads this file: the head COUNT is stored under
+        `attention_head_dim` (diffusers issue #2011; `UNet2DConditionModel` reads `num_attention_heads or
+        attention_head_dim` as the number of heads and refuses `num_attention_heads`).
+        """
+        def as_json(value: int | tuple[int, ...]) -> int | list[int]:
+            return value if isinstance(value, int) else list(value)
+
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels)]
+        try:
+            diffusers_version = metadata.version("diffusers")
+        except metadata.PackageNotFoundError:
+            diffusers_version = "0.30.0"
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": diffusers_version,
+            "sample_size": self.sample_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "center_input_sample": False,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "down_block_types": down,
+            "mid_block_type": "UNetMidBlock2DCrossAttn" if self.mid_block_attention else "UNetMidBlock2D",
+            "up_block_types": up,
+            "only_cross_attention": False,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": as_json(self.layers_per_block),
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+            "dropout": self.dropout,
+            "act_fn": "silu",
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "cross_attention_dim": self.cross_attention_dim,
+            "transformer_layers_per_block": as_json(self.transformer_layers_per_block),
+            "attention_head_dim": as_json(self.num_attention_heads),  # the head count: see the docstring
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention,
+        }
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> UNetConfig:
+        """Read a diffusers `UNet2DConditionModel` config dict; refuse what this UNet cannot express.
+
+        A missing key takes diffusers' default. Keys that only select features this UNet does not have are
+        accepted at their neutral value and refused otherwise, with a message naming the key and value.
+        """
+        class_name = config.get("_class_name", "UNet2DConditionModel")
+        if class_name != "UNet2DConditionModel":
+            raise ValueError(
+                f"_class_name={class_name!r} is not supported: only UNet2DConditionModel configs load"
+            )
+        for key, value in config.items():
+            if key.startswith("_") or key in _DIFFUSERS_DEFAULTS or key in _DIFFUSERS_IGNORED:
+                continue
+            if key in _DIFFUSERS_NEUTRAL:
+                allowed = _DIFFUSERS_NEUTRAL[key]
+                neutral = value in allowed or (isinstance(value, list) and all(v in allowed for v in value))
+                if not neutral:
+                    raise ValueError(
+                        f"unsupported UNet config: {key}={value!r}; this UNet supports only {key} in "
+                        f"{list(allowed)!r} (Stable Diffusion 1.x/2.x layouts)"
+                    )
+            elif value is not None:
+                raise ValueError(f"unsupported UNet config: unknown key {key}={value!r}")
+        c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
+        levels = len(c["block_out_channels"])
+
+        down, up, mid = list(c["down_block_types"]), list(c["up_block_types"]), c["mid_block_type"]
+        block_lists = (("down_block_types", down, _DOWN_BLOCKS), ("up_block_types", up, _UP_BLOCKS))
+        for key, blocks, known in block_lists:
+            unknown = [b for b in blocks if b not in known]
+            if unknown or len(blocks) != levels:
+                raise ValueError(
+                    f"unsupported UNet config: {key}={blocks!r}; need {levels} entries (one per "
+                    f"block_out_channels) from {sorted(known)!r}"
+                )
+        attention_levels = tuple(_DOWN_BLOCKS[b] for b in down)
+        if tuple(_UP_BLOCKS[b] for b in reversed(up)) != attention_levels:
+            raise ValueError(
+                f"unsupported UNet config: up_block_types={up!r} do not mirror down_block_types={down!r} "
+                f"(attention on the same levels both ways)"
+            )
+        if mid not in _MID_BLOCKS:
+            raise ValueError(
+                f"unsupported UNet config: mid_block_type={mid!r}; supported: {sorted(_MID_BLOCKS)!r}"
+            )
+
+        sample_size = c["sample_size"]
+        if isinstance(sample_size, list | tuple):
+            if len(set(sample_size)) != 1:
+                raise ValueError(f"unsupported UNet config: non-square sample_size={sample_size!r}")
+            sample_size = sample_size[0]
+        cross = c["cross_attention_dim"]
+        if isinstance(cross, list | tuple):
+            if len(set(cross)) != 1:
+                raise ValueError(f"unsupported UNet config: per-level cross_attention_dim={cross!r}")
+            cross = cross[0]
+        t_layers = c["transformer_layers_per_block"]
+        if not isinstance(t_layers, int) and any(isinstance(v, list | tuple) for v in t_layers):
+            raise ValueError(f"unsupported UNet config: nested transformer_layers_per_block={t_layers!r}")
+        # diffusers' quirk: `attention_head_dim` is the head count unless `num_attention_heads` is given.
+        heads = c["num_attention_heads"] if c["num_attention_heads"] is not None else c["attention_head_dim"]
+        if c["norm_num_groups"] is None:
+            raise ValueError("unsupported UNet config: norm_num_groups=None (no output norm)")
+
+        def as_field(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list | tuple) else value
+
+        return cls(
+            sample_size=sample_size,
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"],
+            block_out_channels=tuple(c["block_out_channels"]),
+            attention_levels=attention_levels,
+            mid_block_attention=_MID_BLOCKS[mid],
+            layers_per_block=as_field(c["layers_per_block"]),
+            transformer_layers_per_block=as_field(t_layers),
+            num_attention_heads=as_field(heads),
+            cross_attention_dim=cross,
+            use_linear_projection=c["use_linear_projection"],
+            upcast_attention=c["upcast_attention"],
+            norm_num_groups=c["norm_num_groups"],
+            norm_eps=c["norm_eps"],
+            flip_sin_to_cos=c["flip_sin_to_cos"],
+            freq_shift=c["freq_shift"],
+            dropout=c["dropout"],
+        )
+
+
+_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
+_UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_MID_BLOCKS = {"UNetMidBlock2DCrossAttn": True, "UNetMidBlock2D": False}
+# diffusers' keys this config maps, with diffusers' defaults (used when a key is missing from config.json).
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+}
+# diffusers' keys for features this UNet does not have: the values that leave them off.
+_DIFFUSERS_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,),
+    "act_fn": ("silu", "swish"),
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+}
+_DIFFUSERS_IGNORED = {"addition_embed_type_num_heads"}  # no effect while addition_embed_type is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The UNet
+
+
+class ConditionalUNet(nn.Module):
+    """ε_θ(z_t, t, τ_θ(y)): the text-conditional UNet of latent diffusion, with diffusers' parameter names.
+
+    Layout (Ronneberger et al. 2015, with the ResBlocks and attention of Ho et al. 2020 and Rombach et al.
+    2022): conv_in; per level going down, ResBlocks (+ spatial transformers) and a stride-2 conv; a middle
+    ResBlock / transformer / ResBlock; per level going up, ResBlocks on [h, skip] (+ transformers) and a
+    nearest upsample + conv; GroupNorm, SiLU, conv_out. The timestep embedding e_t enters every ResBlock; the
+    text enters every transformer.
+
+    Any dtype and device: move the model with `.to(...)`; the inputs' device and dtype are used as they come.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(
+                f"config must be a UNetConfig, got {type(config).__name__}; for a diffusers config.json dict "
+                f"use UNetConfig.from_diffusers(...)"
+            )
+        self.config = config
+        c = config
+        channels, heads, layers, t_layers = c.block_out_channels, c.heads, c.layers, c.transformer_layers
+        emb_dim = 4 * channels[0]
+
+        def resnet(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, c.norm_num_groups, c.norm_eps, c.dropout)
+
+        def transformer(level: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                channels[level],
+                heads[level],
+                c.cross_attention_dim,
+                num_layers=t_layers[level],
+                norm_groups=c.norm_num_groups,
+                linear_projection=c.use_linear_projection,
+                upcast=c.upcast_attention,
+            )
+
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [channels[0]]  # channels of every skip, in the order they are made
+        for level, cout in enumerate(channels):
+            cin = channels[max(level - 1, 0)]
+            last = level == c.levels - 1
+            self.down_blocks.append(DownBlock(
+                [resnet(cin if i == 0 else cout, cout) for i in range(layers[level])],
+                [transformer(level) for _ in range(layers[level])] if c.attention_levels[level] else None,
+                None if last else Downsample(cout),
+            ))
+            skip_channels += [cout] * (layers[level] + (0 if last else 1))
+
+        self.mid_block = MidBlock(
+            [resnet(channels[-1], channels[-1]) for _ in range(1 + c.mid_block_attention)],
+            [transformer(c.levels - 1)] if c.mid_block_attention else [],
+        )
+
+        self.up_blocks = nn.ModuleList()
+        cin = channels[-1]
+        for level in reversed(range(c.levels)):
+            cout = channels[level]
+            n = layers[level] + 1
+            self.up_blocks.append(UpBlock(
+                [resnet((cin if i == 0 else cout) + skip_channels.pop(), cout) for i in range(n)],
+                [transformer(level) for _ in range(n)] if c.attention_levels[level] else None,
+                Upsample(cout) if level > 0 else None,
+            ))
+            cin = cout
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: int | float | torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict from noisy latents.
+
+        Args:
+            sample: z_t, (B, C_in, H, W), H and W divisible by `downsample_factor`.
+            timestep: t as an int or float, a 0-d tensor, or a (B,) (or (1,)) tensor.
+            encoder_hidden_states: text embeddings τ_θ(y), (B, L, cross_attention_dim).
+        Returns:
+            (B, C_out, H, W), same dtype and device as `sample`.
+        """
+        timesteps = self._check_inputs(sample, timestep, encoder_hidden_states)
+        context = encoder_hidden_states
+        c = self.config
+        t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))  # e_t, (B, 4·C_0)
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context)
+            skips += block_skips
+        h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            h = block(h, [skips.pop() for _ in block.resnets], emb, context)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _check_inputs(
+        self, sample: torch.Tensor, timestep: int | float | torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Validate the inputs with errors that name the shapes; return the timesteps as a (B,) tensor."""
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(
+                f"sample has shape {tuple(sample.shape)}; expected (B, {c.in_channels}, H, W) "
+                f"(in_channels={c.in_channels})"
+            )
+        batch, _, height, width = sample.shape
+        factor = self.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample has spatial size {height}x{width}, which the {c.levels - 1} down-samplings cannot "
+                f"halve evenly; H and W must be multiples of downsample_factor={factor} "
+                f"(e.g. {max(factor, height // factor * factor)}x{max(factor, width // factor * factor)})"
+            )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
+                f"(B, L, {c.cross_attention_dim}) (cross_attention_dim={c.cross_attention_dim})"
+            )
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} "
+                f"(shape {tuple(encoder_hidden_states.shape)}) but sample has batch {batch} "
+                f"(shape {tuple(sample.shape)}); repeat the text embeddings per sample"
+            )
+        if not torch.is_tensor(timestep):
+            if not isinstance(timestep, numbers.Real):
+                raise TypeError(f"timestep must be an int, float or tensor, got {type(timestep).__name__}")
+            return torch.full((batch,), timestep, device=sample.device)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, batch)):
+            raise ValueError(
+                f"timestep has shape {tuple(timestep.shape)}; expected a 0-d tensor, (1,) or ({batch},) "
+                f"to match sample of shape {tuple(sample.shape)}"
+            )
+        return timestep.to(sample.device).reshape(-1).expand(batch)
+
+    # ---- conveniences ----
+    @property
+    def downsample_factor(self) -> int:
+        """How much the UNet shrinks H and W at its bottleneck: 2**(levels - 1)."""
+        return 2 ** (self.config.levels - 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute ResBlocks and transformer blocks in the backward pass instead of storing their
+        activations (`torch.utils.checkpoint`, non-reentrant): less memory, about one more forward of
+        compute."""
+        for module in self.modules():
+            if isinstance(module, ResBlock | TransformerBlock):
+                module.gradient_checkpointing = enabled
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)
+
+    # ---- files ----
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write `config.json` (diffusers' format) and `diffusion_pytorch_model.safetensors` into a folder."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
+        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_path: str | Path,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+        variant: str | None = None,
+    ) -> ConditionalUNet:
+        """Load a folder written by `save_pretrained` or by diffusers' `UNet2DConditionModel.save_pretrained`
+        (e.g. the `unet/` folder of a Stable Diffusion repository in the diffusers layout).
+
+        Args:
+            pretrained_model_path: a local directory.
+            subfolder: a folder inside it, e.g. "unet" for a pipeline folder.
+            torch_dtype: dtype of the parameters; float32 when None (as in diffusers).
+            allow_pickle: also read `diffusion_pytorch_model.bin`/`.ckpt` pickle files (with
+                `torch.load(weights_only=True)`); only for files you trust. Safetensors are always preferred.
+            variant: weights variant, e.g. "fp16" reads `diffusion_pytorch_model.fp16.safetensors`.
+        Returns:
+            The model in eval mode on the CPU.
+        """
+        directory = Path(pretrained_model_path) / (subfolder or "")
+        config_file = directory / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
+                f"diffusers pipeline folder with subfolder='unet')"
+            )
+        config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
+        state = _load_weights(directory, allow_pickle, variant)
+        dtype = torch_dtype or torch.float32
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise ValueError(
+                f"weights in {directory} do not match its config: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+            )
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> dict[str, torch.Tensor]:
+    """The state dict in `directory`: one safetensors file, a sharded safetensors index or (if allowed) a
+    pickle. A variant goes before the last suffix, as in `diffusion_pytorch_model.fp16.safetensors`."""
+
+    def named(name: str) -> Path:
+        stem, suffix = name.rsplit(".", 1)
+        return directory / (f"{stem}.{variant}.{suffix}" if variant else name)
+
+    single, index = named(WEIGHTS_NAME), named(WEIGHTS_NAME + ".index.json")
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {name: t for shard in shards for name, t in load_file(str(directory / shard)).items()}
+    for pickle_file in (named(n) for n in PICKLE_WEIGHTS_NAMES):
+        if pickle_file.is_file():
+            if not allow_pickle:
+                raise ValueError(
+                    f"{pickle_file} is a pickle file, which can run code when loaded; convert it to "
+                    f"safetensors, or pass allow_pickle=True if you trust it"
+                )
+            logger.info("loading pickle weights %s with torch.load(weights_only=True)", pickle_file)
+            return torch.load(pickle_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {single.name} (or sharded index) in {directory}")
+
+
+__all__ = ["ConditionalUNet", "UNetConfig", "timestep_embedding"]
