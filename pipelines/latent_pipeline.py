@@ -1,0 +1,531 @@
+"""LatentPipeline: text -> image by classifier-free-guided denoising in a VAE's latent space (Rombach et al. 2022).
+
+The five parts are passed in and stay separate: this project's `ConditionalUNet` (ε, v or x̂₀ predictor) and sampler
+(DDIM or DDPM, diffusers' interface), and the frozen `diffusers.AutoencoderKL`, `transformers.CLIPTextModel` and
+`CLIPTokenizer`. The model and the sampler know nothing of each other: the denoising loop in `__call__` is the only
+place they meet.
+
+| code name              | symbol           | meaning                                                              |
+|------------------------|------------------|----------------------------------------------------------------------|
+| `latents`              | z_t              | current latent, (B, C, h, w), scaled by the VAE scaling factor        |
+| `model_output_cond`    | ε_θ(z_t, c)      | UNet output given the prompt                                         |
+| `model_output_uncond`  | ε_θ(z_t, ∅)      | UNet output given the negative (default: empty) prompt               |
+| `guidance_scale`       | w                | classifier-free guidance: ε̃ = ε_θ(z_t, ∅) + w (ε_θ(z_t, c) - ε_θ(z_t, ∅))  (Ho & Salimans 2022) |
+| `guidance_rescale`     | φ                | mix of ε̃ and ε̃ rescaled to the std of ε_θ(z_t, c) (Lin et al. 2023)   |
+| `vae_factor`           | f                | image side / latent side, from the VAE config (8 for SD)             |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+import latentdiff
+from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
+from latentdiff.models.unet import ConditionalUNet
+from latentdiff.schedulers import DDIMScheduler
+
+logger = logging.getLogger(__name__)
+
+# The embedded default model shipped inside the package (see DESIGN.md, "The embedded default").
+DEFAULT_MODEL_DIR = Path(latentdiff.__file__).parent / "assets" / "default"
+
+# The diffusers Stable Diffusion folder layout: model_index.json and one subfolder per part.
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Sampler configs read as this project's DDIM without a note: they share DDIM's training schedule keys.
+DDIM_COMPATIBLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
+# Files fetched from the hub: configs, tokenizer files and safetensors weights, no duplicate variants.
+HUB_ALLOW_PATTERNS = ["model_index.json", *(f"{name}/*" for name in SUBFOLDERS)]
+HUB_IGNORE_PATTERNS = [
+    "*.bin",
+    "*.ckpt",
+    "*.msgpack",
+    "*.onnx",
+    "*.pb",
+    "*.h5",
+    "*fp16*",
+    "*non_ema*",
+    "*.ema.*",
+]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """What `LatentPipeline.__call__` returns.
+
+    images: by `output_type`: "pil" a list of B `PIL.Image` (RGB, uint8); "np" a float32 array (B, H, W, 3) in
+        [0, 1]; "pt" a float tensor (B, 3, H, W) in [0, 1]; "latent" the final latents (B, C, h, w), scaled by the
+        VAE scaling factor.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Rescaled classifier-free guidance, Lin et al. 2023 (arXiv:2305.08891) Sec. 3.4, final mix eq. 16.
+
+    x_rescaled = x_cfg · σ_pos / σ_cfg;  x_final = φ · x_rescaled + (1 - φ) · x_cfg, with σ the standard deviation
+    of each sample over all its elements. guided: x_cfg (B, C, h, w); cond: x_pos, the conditional prediction;
+    guidance_rescale: φ in [0, 1].
+    """
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
+
+
+def randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise of `shape`, drawn on the generator's device and moved to `device`.
+
+    A list of generators draws sample i from generator i, so an image depends only on its own generator (the
+    convention of diffusers, whose results this reproduces).
+    """
+    if isinstance(generator, list):
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+class LatentPipeline:
+    """Text-to-image generation with classifier-free guidance over a VAE latent space.
+
+    `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
+    tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
+    Diffusion folder.
+    """
+
+    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None) -> None:
+        parts = {
+            "unet": unet,
+            "scheduler": scheduler,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+        }
+        if all(part is None for part in parts.values()):
+            if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"LatentPipeline() loads the embedded default model from {DEFAULT_MODEL_DIR}, which this "
+                    "installation does not have yet. Pass the five parts, LatentPipeline(unet, scheduler, vae, "
+                    "text_encoder, tokenizer), or load a Stable Diffusion folder in the diffusers layout: "
+                    "LatentPipeline.from_pretrained('path/to/folder' or 'hub-owner/model-id')."
+                )
+            parts = _load_parts(DEFAULT_MODEL_DIR)
+        missing = [name for name, part in parts.items() if part is None]
+        if missing:
+            raise TypeError(
+                f"LatentPipeline got no {', '.join(missing)}; pass all five parts (unet, scheduler, vae, "
+                "text_encoder, tokenizer), or none for the embedded default."
+            )
+        self.unet = parts["unet"]
+        self.scheduler = parts["scheduler"]
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self.tokenizer = parts["tokenizer"]
+        self._progress_bar_config: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path, torch_dtype: torch.dtype | None = None, scheduler=None
+    ) -> LatentPipeline:
+        """Load a Stable Diffusion 1.x/2.x folder in the diffusers layout, with this project's UNet and sampler.
+
+        Args:
+            path_or_hub_id: a local folder holding `model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+                `tokenizer/`, `scheduler/`; or a Hugging Face hub id ("owner/name"), fetched with
+                `huggingface_hub.snapshot_download` (configs and safetensors weights only) when no such folder
+                exists locally.
+            torch_dtype: dtype of the UNet, VAE and text encoder (default float32).
+            scheduler: a sampler to use instead of the folder's; by default the folder's scheduler config (DDPM,
+                DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`.
+        """
+        return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the diffusers Stable Diffusion layout: `model_index.json` and one subfolder per part.
+
+        diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
+        format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
+        """
+        import diffusers
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in SUBFOLDERS:
+            getattr(self, name).save_pretrained(directory / name)
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", type(self.vae).__name__],
+        }
+        (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------- device and bars
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet runs; latents and embeddings are moved there."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's dtype; latents and embeddings are cast to it."""
+        return self.unet.dtype
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LatentPipeline:
+        """Move the UNet, VAE and text encoder to `device` and/or cast them to `dtype`; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Keyword arguments for the steps' tqdm bar, as in diffusers: `set_progress_bar_config(disable=True)`."""
+        self._progress_bar_config = kwargs
+
+    # ----------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[..., dict | None] | None = None,
+    ) -> PipelineOutput:
+        """Generate images from text.
+
+        Args:
+            prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given).
+            negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
+                empty prompt. Only used when guidance_scale > 1.
+            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
+            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone.
+            guidance_rescale: φ in [0, 1] of Lin et al. 2023 against over-exposure; 0 turns it off.
+            num_images_per_prompt: N images per prompt; the batch is B = P · N, prompt-major.
+            height, width: image size in pixels, divisible by the VAE factor × the UNet's down-sampling factor;
+                default: the UNet's sample_size × the VAE factor, or the size of `latents` when given.
+            generator: randomness for the initial latents and stochastic steps; a list of B generators gives each
+                image its own (image i then depends on generator i alone).
+            latents: initial noise z_T, (B, C, h, w), standard normal (scaled by the sampler's init_noise_sigma
+                here); default: drawn from `generator`.
+            prompt_embeds: (P, L, D) text embeddings instead of `prompt`.
+            negative_prompt_embeds: (P, L, D) instead of `negative_prompt`.
+            eta: η of DDIM (0 deterministic, 1 DDPM-like variance); passed to the sampler's step.
+            output_type: "pil", "np", "pt" or "latent" (see `PipelineOutput`).
+            callback_on_step_end: called as f(pipeline, i, t, {"latents": z}) after step i; may return a dict
+                whose "latents" replaces z.
+
+        Returns:
+            PipelineOutput with `.images`.
+        """
+        do_guidance = guidance_scale > 1.0
+        self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
+        self._check_output(output_type, callback_on_step_end)
+        cond, uncond = self._text_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
+        )
+        batch_size = cond.shape[0] * num_images_per_prompt
+        # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
+        context = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        if do_guidance:
+            context = torch.cat([uncond.repeat_interleave(num_images_per_prompt, dim=0), context])
+        latents = self._initial_latents(batch_size, height, width, generator, latents)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        step_generator = None if isinstance(generator, list) else generator
+        with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_output = self.unet(model_input, t, context)
+                if do_guidance:
+                    model_output_uncond, model_output_cond = model_output.chunk(2)
+                    model_output = model_output_uncond + guidance_scale * (
+                        model_output_cond - model_output_uncond
+                    )
+                    if guidance_rescale > 0.0:
+                        model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
+                # per-image generators: draw the step's noise here, image by image
+                variance_noise = None
+                if isinstance(generator, list):
+                    variance_noise = randn(latents.shape, generator, latents.device, latents.dtype)
+                latents = self.scheduler.step(
+                    model_output, t, latents, eta=eta, generator=step_generator, variance_noise=variance_noise
+                ).prev_sample
+                if callback_on_step_end is not None:
+                    replaced = callback_on_step_end(self, i, t, {"latents": latents})
+                    if replaced:
+                        latents = replaced.get("latents", latents)
+                progress_bar.update()
+        return PipelineOutput(images=self._to_output(latents, output_type))
+
+    # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _check_scalars(
+        self,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_rescale: float,
+        num_images: int,
+        eta: float,
+    ) -> None:
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} is out of range: pass 1 .. {num_train_timesteps} "
+                "(the scheduler's num_train_timesteps)."
+            )
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}.")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 turns it off).")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images_per_prompt={num_images!r} must be an int >= 1.")
+        if eta < 0.0:
+            raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like variance).")
+
+    def _check_output(self, output_type: str, callback_on_step_end) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}."
+            )
+
+    def _text_embeddings(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        do_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond) embeddings, each (P, L, D) in the UNet's dtype and device; uncond is None without guidance."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt (a str or list of str) and prompt_embeds (P, L, D).")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds.")
+        prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
+        num_prompts = (
+            len(prompts) if prompts is not None else _check_embeds(prompt_embeds, "prompt_embeds").shape[0]
+        )
+        negatives = None
+        if do_guidance and negative_prompt_embeds is None:
+            negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * num_prompts
+            elif len(negatives) != num_prompts:
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {num_prompts}: pass one "
+                    f"negative prompt (a str, used for all) or a list of {num_prompts}."
+                )
+        # one text-encoder batch for everything to encode: [negatives..., prompts...]
+        texts = (negatives or []) + (prompts or [])
+        encoded = encode_prompts(self.tokenizer, self.text_encoder, texts) if texts else None
+        if prompts is not None:
+            prompt_embeds = encoded[len(negatives or []) :]
+        uncond = None
+        if do_guidance:
+            uncond = encoded[: len(negatives)] if negatives is not None else negative_prompt_embeds
+            if uncond.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"the negative embeddings (negative_prompt_embeds or encoded negative_prompt) have shape "
+                    f"{tuple(uncond.shape)} but the prompt embeddings have {tuple(prompt_embeds.shape)}; they must "
+                    "match."
+                )
+            uncond = uncond.to(device=self.device, dtype=self.dtype)
+        return prompt_embeds.to(device=self.device, dtype=self.dtype), uncond
+
+    def _initial_latents(
+        self,
+        batch_size: int,
+        height: int | None,
+        width: int | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """z_T: given or drawn standard normal, times the sampler's init_noise_sigma; (B, C, h, w)."""
+        vae_factor = vae_scale_factor(self.vae)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+                raise ValueError(f"latents must be a (B, C, h, w) tensor, got {_describe(latents)}.")
+            height = latents.shape[2] * vae_factor if height is None else height
+            width = latents.shape[3] * vae_factor if width is None else width
+        default_side = self.unet.config.sample_size * vae_factor
+        height = default_side if height is None else height
+        width = default_side if width is None else width
+        multiple = vae_factor * self.unet.downsample_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(
+                    f"{name}={value!r} must be a positive int divisible by {multiple} (the VAE factor "
+                    f"{vae_factor} × the UNet's down-sampling factor {self.unet.downsample_factor}), "
+                    f"e.g. {default_side}."
+                )
+        shape = (batch_size, self.unet.config.in_channels, height // vae_factor, width // vae_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} but the batch has {batch_size} images "
+                "(prompts × num_images_per_prompt): pass one generator or one per image."
+            )
+        if latents is None:
+            latents = randn(shape, generator, self.device, self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents has shape {tuple(latents.shape)} but this call needs {shape} (batch = prompts × "
+                "num_images_per_prompt, UNet in_channels, height / VAE factor, width / VAE factor)."
+            )
+        latents = latents.to(device=self.device, dtype=self.dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def _to_output(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = (decode_latents(self.vae, latents).float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+        if output_type == "np":
+            return images
+        return [PIL.Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
+
+
+# ------------------------------------------------------------------------------------------- module helpers
+
+
+def _as_prompt_list(prompt: str | list[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{name} must be a str or a list of str, got {_describe(prompt)}.")
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is an empty list: pass at least one prompt.")
+    return list(prompt)
+
+
+def _check_embeds(embeds: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] == 0:
+        raise ValueError(f"{name} must be a (P, L, D) tensor with P >= 1, got {_describe(embeds)}.")
+    return embeds
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _model_dir(path_or_hub_id: str | Path) -> Path:
+    """A local folder, or the hub snapshot of `path_or_hub_id` when no local folder has that name."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(
+            f"path_or_hub_id={str(path_or_hub_id)!r} is a file; pass the model folder that holds it."
+        )
+    text = str(path_or_hub_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"path_or_hub_id={text!r}: no such folder (and not a hub id of the form owner/name)."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(text, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
+        )
+    except Exception as error:  # offline, unknown id, gated repo: say what was tried
+        raise FileNotFoundError(
+            f"path_or_hub_id={text!r} is not a local folder and could not be fetched from the Hugging Face hub: "
+            f"{error}"
+        ) from error
+
+
+def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, scheduler=None) -> dict[str, Any]:
+    """The five parts of the SD folder `directory`, as `LatentPipeline(**parts)` takes them."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [name + "/" for name in SUBFOLDERS if not (directory / name).is_dir()]
+    if not (directory / "scheduler" / "scheduler_config.json").is_file() and "scheduler/" not in missing:
+        missing.append("scheduler/scheduler_config.json")
+    if scheduler is not None:
+        missing = [name for name in missing if not name.startswith("scheduler/")]
+    if not (directory / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise ValueError(
+            f"{directory} is not a Stable Diffusion folder in the diffusers layout: it lacks {', '.join(missing)} "
+            f"(expected model_index.json and {', '.join(name + '/' for name in SUBFOLDERS)})."
+        )
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    if scheduler is None:
+        scheduler = _ddim_from_folder_config(directory / "scheduler" / "scheduler_config.json")
+    return {
+        "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
+        "scheduler": scheduler,
+        "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),
+        # loaded as stored, then cast: works with transformers 4.x (torch_dtype=) and 5.x (dtype=) alike
+        "text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder").to(dtype),
+        "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
+    }
+
+
+def _ddim_from_folder_config(config_file: Path) -> DDIMScheduler:
+    """This project's DDIM from a folder's scheduler config (DDPM, DDIM or PNDM as SD ships; others with a note).
+
+    A config that does not set `clip_sample` gets False: clamping x̂₀ to [-1, 1] is meant for pixels, and SD's
+    latents are not bounded by 1 (PNDM configs never carry the key; diffusers' StableDiffusionPipeline forces it
+    off as well). An explicit `clip_sample: true` is kept.
+    """
+    config = json.loads(config_file.read_text())
+    written_for = config.get("_class_name", "an unnamed scheduler")
+    if written_for not in DDIM_COMPATIBLE_SCHEDULERS:
+        logger.warning(
+            "%s holds a %s config; it is read as this project's DDIMScheduler (the training schedule keys are "
+            "the same); pass scheduler=... to from_pretrained to choose another sampler.",
+            config_file,
+            written_for,
+        )
+    return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))
