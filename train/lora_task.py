@@ -1,0 +1,198 @@
+"""The LoRA task: text-to-image training of low-rank adapters on a frozen model, through the text-to-image task of
+`t2i.py` and the one loop of `trainer.py`.
+
+What differs from a full fine-tune (Hu et al. 2021; `latentdiff.lora` has the symbols):
+- the config adds `--rank`, `--lora_alpha`, `--lora_dropout`, `--lora_targets`, `--train_text_encoder`
+  (`LoraTrainConfig` extends `TrainConfig`; every shared flag is the same);
+- the UNet's frozen weights are kept in the run's precision (float16/bfloat16 under mixed precision, like the VAE
+  and text encoder), the adapter's A and B in float32, and only they are optimised (`add_adapters`);
+- checkpoints hold the trained parameters only, not a copy of the frozen model (`checkpoint_trained_parameters_only`),
+  and resume restores them, the optimizer, the schedule and the data position exactly;
+- the export is the adapter alone: `pytorch_lora_weights.safetensors` + `lora_config.json` in --output_dir, loaded
+  by `LatentPipeline.load_lora_weights(output_dir)` or `latentdiff generate --lora output_dir`.
+The loss, data and validation grids are `TextToImageTask`'s (with --train_text_encoder, the empty prompt of the
+classifier-free dropout goes through the adapted text encoder too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from config import ConfigError, TrainConfig
+from safetensors.torch import load_file
+from t2i import T2IModels, TextToImageTask, unet_config_from_file
+from torch import nn
+from trainer import Trainer, derive_seed
+
+from latentdiff.conditioning import encode_prompts
+from latentdiff.lora import (
+    ATTENTION_TARGETS,
+    LORA_WEIGHTS_NAME,
+    TARGET_GROUPS,
+    TEXT_ENCODER_TARGETS,
+    LoraSpec,
+    add_lora,
+    check_targets,
+    save_lora,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig(TrainConfig):
+    """Every option of `train/train_lora.py`: those of `train_t2i.py` plus the adapter's."""
+
+    rank: int = field(default=4, metadata={"help": "LoRA rank r of every adapted layer (4 to 64 are usual)."})
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA alpha: the update is scaled by alpha / rank. Default: the rank (scale 1)."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(ATTENTION_TARGETS),
+        metadata={
+            "help": "UNet layers to adapt: module names or suffixes (to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2 "
+            f"conv1 conv2 ...) or groups ({', '.join(TARGET_GROUPS)})."
+        },
+    )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata={"help": f"Also adapt the text encoder's attention ({' '.join(TEXT_ENCODER_TARGETS)})."},
+    )
+    output_dir: str = field(
+        default="sd-model-lora",
+        metadata={"help": "Where checkpoints, logs, validation images and the adapter go."},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            self.unet_lora_spec()
+        except ValueError as error:
+            raise ConfigError(f"--rank/--lora_alpha/--lora_dropout/--lora_targets: {error}") from None
+        if self.train_text_encoder and self.cache_latents:
+            raise ConfigError(
+                "--train_text_encoder encodes the captions with the adapted text encoder at every step, but "
+                "--cache_latents replaces the captions by cached embeddings: drop one of the two."
+            )
+
+    def unet_lora_spec(self) -> LoraSpec:
+        return LoraSpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+    def text_encoder_lora_spec(self) -> LoraSpec:
+        return LoraSpec(self.rank, self.lora_alpha, self.lora_dropout, TEXT_ENCODER_TARGETS)
+
+
+def check_lora_targets(cfg: LoraTrainConfig) -> None:
+    """Refuse --lora_targets that name no layer of the UNet, reading only its config (the UNet is built on the meta
+    device: no weights, no memory). A hub id is checked after download instead, in `add_adapters`."""
+    from latentdiff.models.unet import ConditionalUNet, UNetConfig
+
+    if cfg.unet_config is not None:
+        unet_config = unet_config_from_file(cfg.unet_config)
+    else:
+        config_file = Path(cfg.pretrained_model_name_or_path) / "unet" / "config.json"
+        if not config_file.is_file():
+            return
+        unet_config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        unet = ConditionalUNet(unet_config)
+    try:
+        check_targets(unet, cfg.lora_targets, "UNet")
+    except ValueError as error:
+        raise ConfigError(f"--lora_targets: {error}") from None
+
+
+def add_adapters(cfg: LoraTrainConfig, models: T2IModels, weight_dtype: torch.dtype, seed: int) -> nn.Module:
+    """Freeze the UNet in `weight_dtype`, add a float32 adapter to it (and to the text encoder with
+    --train_text_encoder); returns the module the loop trains: the UNet, or ModuleDict(unet=, text_encoder=).
+
+    The adapters' A matrices are drawn from a generator seeded by the run's seed, so a run is reproducible without
+    touching the global RNG."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "lora"))
+    models.unet.to(dtype=weight_dtype)
+    unet_parameters = add_lora(models.unet, cfg.unet_lora_spec(), generator=generator)
+    trained = sum(p.numel() for p in unet_parameters)
+    total = sum(p.numel() for p in models.unet.parameters()) - trained
+    logger.info(
+        "LoRA rank %d on %s: %d trainable parameters, %.2f%% of the UNet's %d",
+        cfg.rank,
+        ", ".join(cfg.unet_lora_spec().target_modules),
+        trained,
+        100 * trained / total,
+        total,
+    )
+    if not cfg.train_text_encoder:
+        return models.unet
+    add_lora(models.text_encoder, cfg.text_encoder_lora_spec(), generator=generator)
+    models.text_encoder.train()  # the adapters' dropout; CLIP's own dropout is 0
+    return nn.ModuleDict({"unet": models.unet, "text_encoder": models.text_encoder})
+
+
+def checkpoint_trained_parameters_only(accelerator: Accelerator) -> None:
+    """Make `accelerator.save_state` write only the parameters that require gradients (the adapters) and
+    `load_state` read them back, instead of a full copy of the frozen model in every checkpoint.
+
+    The optimizer, LR schedule, RNG states (and the loop's EMA and data position) are saved and restored as usual.
+    Loading checks that the checkpoint holds exactly the trained parameters of this run.
+    """
+
+    def trained_names(model: nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def keep_trained(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        for i, model in enumerate(models):
+            names = trained_names(model)
+            weights[i] = {key: value for key, value in weights[i].items() if key in names}
+
+    def load_trained(models: list[nn.Module], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            state = load_file(str(path))
+            names = trained_names(model)
+            if set(state) != names:
+                raise ValueError(
+                    f"{path} holds {len(state)} tensors but this run trains {len(names)} parameters "
+                    f"(e.g. missing {sorted(names - set(state))[:2]}, unexpected {sorted(set(state) - names)[:2]}): "
+                    "resume with the --rank, --lora_targets and --train_text_encoder of the run that wrote it."
+                )
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded here: accelerate's strict full-model load would miss the frozen weights
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+    accelerator.register_load_state_pre_hook(load_trained)
+
+
+class LoraTask(TextToImageTask):
+    """`TextToImageTask` whose export is the adapter alone (its loss, data and validation are unchanged)."""
+
+    def compute_loss(self, model: nn.Module, batch: dict, rng) -> torch.Tensor:
+        """The text-to-image loss; with --train_text_encoder the classifier-free ∅ is the empty prompt through the
+        text encoder being trained (as the pipeline computes it at inference), not through the one at the start."""
+        _, text_encoder = self._unet_and_text_encoder(model)
+        if text_encoder is not None:
+            self.empty_embed = encode_prompts(self.models.tokenizer, text_encoder, [""], self.device)
+        return super().compute_loss(model, batch, rng)
+
+    def export(self, trainer: Trainer) -> Path:
+        """Write the adapter (EMA weights if --use_ema) into --output_dir: pytorch_lora_weights.safetensors and
+        lora_config.json, diffusers' layout."""
+        out = Path(self.cfg.output_dir)
+        path = out / LORA_WEIGHTS_NAME
+        if self.accelerator.is_main_process:
+            unet, text_encoder = self._unet_and_text_encoder(trainer.model)
+            with trainer.averaged_weights():
+                path = save_lora(out, unet=unet, text_encoder=text_encoder)
+            unet_adapter = sum(p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name)
+            unet_base = sum(p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" not in name)
+            logger.info("saved the LoRA adapter (%s weights, %.1f kB; its UNet part has %d parameters, %.2f%% of the "
+                        "UNet's %d) to %s", "EMA" if trainer.ema else "trained", path.stat().st_size / 1e3,
+                        unet_adapter, 100 * unet_adapter / unet_base, unet_base, path)
+        self.accelerator.wait_for_everyone()
+        return path

@@ -1,0 +1,79 @@
+"""Train a LoRA adapter on a frozen text-to-image model (a Stable Diffusion folder or this project's default).
+
+    accelerate launch --config_file accelerate_config.yaml train/train_lora.py --config train/configs/shapes_lora_star.yaml
+    accelerate launch ... train/train_lora.py --pretrained_model_name_or_path PATH --train_data_dir DATA --rank 8
+
+Options: `python train/train_lora.py --help`: every flag of train_t2i.py plus --rank, --lora_alpha, --lora_dropout,
+--lora_targets and --train_text_encoder. At the end --output_dir holds the adapter (pytorch_lora_weights.safetensors
+and lora_config.json, diffusers' layout: `LatentPipeline.load_lora_weights(output_dir)`, `latentdiff generate
+--lora output_dir`), next to its checkpoints, validation grids and logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+from accelerate.utils import set_seed
+from config import ConfigError, parse_config
+from lora_task import (
+    LoraTask,
+    LoraTrainConfig,
+    add_adapters,
+    check_lora_targets,
+    checkpoint_trained_parameters_only,
+)
+from t2i import build_models, check_model_files, load_data, weight_dtype_of
+from trainer import NonFiniteLossError, Trainer, init_trackers, logger, make_accelerator, resolve_seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
+    cfg = parse_config(argv, LoraTrainConfig)
+    check_model_files(cfg)  # resolution vs. the model's factor, channel widths: before anything is loaded
+    check_lora_targets(cfg)  # --lora_targets against the UNet's config
+    accelerator = make_accelerator(cfg)
+    seed = resolve_seed(cfg, accelerator)
+    set_seed(seed)
+    with accelerator.main_process_first():
+        data = load_data(cfg)
+
+    weight_dtype = weight_dtype_of(accelerator)
+    models = build_models(cfg, accelerator.device, weight_dtype)
+    trained = add_adapters(cfg, models, weight_dtype, seed)
+    task = LoraTask(cfg, models, accelerator, seed)
+    train_set, holdout, collate = task.datasets(data)
+    task.attach_holdout(holdout, collate)
+    checkpoint_trained_parameters_only(accelerator)
+    trainer = Trainer(
+        cfg, accelerator, trained, task.compute_loss, train_set, collate, seed=seed, validate=task.validate
+    )
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "train_config.yaml").write_text(
+            yaml.safe_dump({**cfg.to_dict(), "seed": seed})
+        )
+    init_trackers(accelerator, cfg)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError:
+        accelerator.end_training()
+        return 1
+    task.export(trainer)
+    logger.info(
+        "done: %d steps, %.2f images/s, final loss %.4f",
+        result.global_step,
+        result.images_per_second,
+        result.last_loss,
+    )
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
