@@ -11,12 +11,8 @@ and lora_config.json, diffusers' layout: `LatentPipeline.load_lora_weights(outpu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import yaml
 from accelerate.utils import set_seed
-from config import ConfigError, parse_config
+from config import parse_config
 from lora_task import (
     LoraTask,
     LoraTrainConfig,
@@ -25,7 +21,7 @@ from lora_task import (
     checkpoint_trained_parameters_only,
 )
 from t2i import build_models, check_model_files, load_data, weight_dtype_of
-from trainer import NonFiniteLossError, Trainer, init_trackers, logger, make_accelerator, resolve_seed
+from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,31 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(
         cfg, accelerator, trained, task.compute_loss, train_set, collate, seed=seed, validate=task.validate
     )
-    if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "train_config.yaml").write_text(
-            yaml.safe_dump({**cfg.to_dict(), "seed": seed})
-        )
-    init_trackers(accelerator, cfg)
-    try:
-        result = trainer.train()
-    except NonFiniteLossError:
-        accelerator.end_training()
-        return 1
-    task.export(trainer)
-    logger.info(
-        "done: %d steps, %.2f images/s, final loss %.4f",
-        result.global_step,
-        result.images_per_second,
-        result.last_loss,
-    )
-    accelerator.end_training()
-    return 0
-
+    return run_and_export(cfg, accelerator, trainer, task.export, seed)
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    script_main(main)

@@ -739,3 +739,45 @@ def init_trackers(accelerator: Accelerator, cfg) -> None:
         return
     flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in cfg.to_dict().items()}
     accelerator.init_trackers(cfg.tracker_project_name, config=flat)
+
+
+def run_and_export(cfg, accelerator: Accelerator, trainer: Trainer, export: Callable[[Trainer], Path], seed: int) -> int:
+    """The end of every training script: save the run's config, start the trackers, train, export.
+
+    Returns the exit status: 0 when done, 1 when training stopped on a non-finite loss (the message names the step
+    and the last good checkpoint; nothing is exported).
+    """
+    import yaml
+
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "train_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}))
+    init_trackers(accelerator, cfg)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError:
+        accelerator.end_training()
+        return 1
+    out = export(trainer)
+    logger.info(
+        "done: %d steps, %.2f images/s, final loss %.4f; exported to %s",
+        result.global_step,
+        result.images_per_second,
+        result.last_loss,
+        out,
+    )
+    accelerator.end_training()
+    return 0
+
+
+def script_main(main: Callable[[], int]) -> None:
+    """Run a training script's `main`, turning a ConfigError into a one-line message and exit status 2."""
+    import sys
+
+    from config import ConfigError
+
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

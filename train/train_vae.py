@@ -1,0 +1,36 @@
+"""Train a `diffusers.AutoencoderKL` (the latent space of a text-to-image model) on an image dataset.
+
+    accelerate launch --config_file accelerate_config.yaml train/train_vae.py --config train/configs/shapes_vae.yaml
+
+Options: `python train/train_vae.py --help`: the data, loop, checkpoint and validation flags of train_t2i.py, plus
+--vae_config (shape of a new VAE) or --pretrained_vae_model_name_or_path (fine-tune), --kl_weight,
+--foreground_weight and --latent_sample. At the end --output_dir/vae holds a diffusers AutoencoderKL folder with its
+measured scaling_factor (pass it to train_t2i.py as --pretrained_vae_model_name_or_path).
+"""
+
+from __future__ import annotations
+
+from accelerate.utils import set_seed
+from config import parse_config
+from t2i import load_data
+from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
+from vae import VaeTask, VaeTrainConfig, build_vae
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
+    cfg = parse_config(argv, VaeTrainConfig)
+    accelerator = make_accelerator(cfg)
+    seed = resolve_seed(cfg, accelerator)
+    set_seed(seed)  # the initial weights
+    with accelerator.main_process_first():
+        data = load_data(cfg)
+    vae = build_vae(cfg)
+    task = VaeTask(cfg, vae, accelerator, seed)
+    train_set, collate = task.datasets(data)
+    trainer = Trainer(cfg, accelerator, vae, task.compute_loss, train_set, collate, seed=seed, validate=task.validate)
+    return run_and_export(cfg, accelerator, trainer, task.export, seed)
+
+
+if __name__ == "__main__":
+    script_main(main)
