@@ -13,7 +13,6 @@ components (nothing downloaded). Its shape, like SD 1.x but tiny:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -32,49 +31,11 @@ TINY_VAE_FACTOR = 4  # 2 ** (VAE levels - 1)
 TINY_IMAGE_SIZE = 32  # default image side in pixels: UNet sample_size 8 x VAE factor 4
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def build_tiny_clip_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = TOKENIZER_WORDS):
-    """A real `CLIPTokenizer` (byte-level BPE, CLIP's pre-tokenizer) over a tiny vocabulary, built offline.
+    """A real `CLIPTokenizer` (byte-level BPE, CLIP's pre-tokenizer) over a tiny vocabulary, built offline."""
+    from latentdiff.data.tokenizer import build_word_tokenizer
 
-    Writes `vocab.json` and `merges.txt` (CLIP's file format) into `folder` and loads them. The vocabulary holds
-    the special tokens, every byte character alone and word-final (`x</w>`), and every merge result, so any text
-    tokenizes without unknown tokens; the merges spell out `words` left to right, so most of those words are one
-    token (a few split where another word's merge wins, as in any BPE).
-    """
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _bytes_to_unicode().values():
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            rule = f"{merged} {piece}"
-            if rule not in merges:
-                merges.append(rule)
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_LENGTH)
+    return build_word_tokenizer(folder, words, model_max_length=TINY_MAX_LENGTH)
 
 
 def build_tiny_sd_components(work_dir: str | Path, seed: int = 0) -> dict:

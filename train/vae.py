@@ -63,12 +63,17 @@ class VaeTrainConfig(TrainConfig):
         "small objects on a flat background.",
     )
     foreground_threshold: float = _flag(
-        0.1, "A pixel is foreground when some channel differs from the median colour by more than this ([-1, 1] units)."
+        0.1,
+        "A pixel is foreground when some channel differs from the median colour by more than this ([-1, 1] units).",
     )
     latent_sample: str = _flag(
-        "mean", "Decode the posterior mean (mean) or a sample of the posterior (sample).", choices=LATENT_SAMPLES
+        "mean",
+        "Decode the posterior mean (mean) or a sample of the posterior (sample).",
+        choices=LATENT_SAMPLES,
     )
-    validation_images: int = _flag(8, "Held-out images shown with their reconstructions in the validation grid.")
+    validation_images: int = _flag(
+        8, "Held-out images shown with their reconstructions in the validation grid."
+    )
 
     def validate_model(self) -> None:
         if (self.vae_config is None) == (self.pretrained_vae_model_name_or_path is None):
@@ -83,7 +88,9 @@ class VaeTrainConfig(TrainConfig):
         if self.foreground_weight < 1:
             raise ConfigError(f"--foreground_weight={self.foreground_weight} must be >= 1 (1 is plain L1).")
         if self.latent_sample not in LATENT_SAMPLES:
-            raise ConfigError(f"--latent_sample={self.latent_sample!r}: choose one of {', '.join(LATENT_SAMPLES)}.")
+            raise ConfigError(
+                f"--latent_sample={self.latent_sample!r}: choose one of {', '.join(LATENT_SAMPLES)}."
+            )
 
 
 def _read_mapping(path: str | Path) -> dict[str, Any]:
@@ -179,7 +186,9 @@ class VaeTask:
             vae.eval()
             with trainer.averaged_weights():
                 images = self.holdout_pixels.to(self.accelerator.device)
-                recon = torch.cat([self.reconstruct(vae, chunk)[0] for chunk in images.split(16)]).clamp(-1, 1)
+                recon = torch.cat([self.reconstruct(vae, chunk)[0] for chunk in images.split(16)]).clamp(
+                    -1, 1
+                )
             vae.train()
             weight = foreground_weights(images, self.cfg.foreground_weight, self.cfg.foreground_threshold)
             logs["val_l1"] = float((recon - images).abs().mean())
@@ -190,8 +199,12 @@ class VaeTask:
         return logs
 
     def _save_grid(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> Path:
-        rows = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # (3, 2H, N·W)
-        pixels = ((rows.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        rows = torch.cat(
+            [torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1
+        )  # (3, 2H, N·W)
+        pixels = (
+            ((rows.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        )
         folder = Path(self.cfg.output_dir) / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step:06d}.png"

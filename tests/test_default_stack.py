@@ -1,0 +1,153 @@
+"""The embedded default's own training stages, in miniature: the word tokenizer, train_vae.py, train_clip.py, and
+train_t2i.py from scratch on their outputs, ending in a pipeline that loads and generates (train/build_default.sh
+runs the same chain at full size)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "train"))
+
+import clip  # noqa: E402
+import train_clip  # noqa: E402
+import train_t2i  # noqa: E402
+import train_vae  # noqa: E402
+import vae  # noqa: E402
+
+from latentdiff.data.shapes import write_shapes_dataset  # noqa: E402
+from latentdiff.data.tokenizer import build_word_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", num_images=24, size=32, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def common_flags(data: Path, out: Path, steps: int = 2) -> list[str]:
+    return [
+        "--train_data_dir", str(data), "--resolution", "32", "--center_crop", "--train_batch_size", "4",
+        "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+        "--output_dir", str(out), "--report_to", "none", "--mixed_precision", "no", "--validation_holdout", "4",
+        "--validation_steps", str(steps),
+    ]  # fmt: skip
+
+
+def test_word_tokenizer_makes_every_word_one_token_and_still_reads_other_text(tmp_path):
+    words = ["a", "large", "green", "triangle", "left", "right", "background", "red", "gray", "star", ","]
+    tokenizer = build_word_tokenizer(tmp_path / "tok", words, model_max_length=16)
+    for word in words:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    pieces = tokenizer.tokenize("a large zebra")
+    assert pieces[:2] == ["a</w>", "large</w>"] and "".join(pieces[2:]).replace("</w>", "") == "zebra"
+    assert tokenizer.unk_token_id not in tokenizer("a large zebra").input_ids[1:-1]
+    ids = tokenizer("a red star", padding="max_length").input_ids
+    assert len(ids) == 16 and ids[0] == tokenizer.bos_token_id
+
+
+def test_foreground_weights_mark_pixels_away_from_the_median_colour():
+    images = -torch.ones(1, 3, 8, 8)
+    images[0, 0, 2:4, 2:4] = 1.0  # a red 2x2 object on black
+    weights = vae.foreground_weights(images, 11.0, 0.1)
+    assert weights.shape == (1, 1, 8, 8)
+    assert weights[0, 0, 2:4, 2:4].eq(11).all() and weights.sum() == 11 * 4 + 60
+
+
+def test_caption_words_are_the_words_and_punctuation_of_every_caption():
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": [["a red circle and a Blue square, on a white background", "a star"]]})
+    assert clip.caption_words(data, "text") == [
+        "a", "red", "circle", "and", "blue", "square", ",", "on", "white", "background", "star",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_vae_then_clip_then_unet_from_scratch_give_a_pipeline(tmp_path, shapes_data, one_thread):
+    vae_json = tmp_path / "vae.json"
+    vae_json.write_text(json.dumps({
+        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
+        "sample_size": 32,
+    }))  # fmt: skip
+    flags = common_flags(shapes_data, tmp_path / "vae-run", steps=3)
+    assert train_vae.main([*flags, "--vae_config", str(vae_json), "--foreground_weight", "11"]) == 0
+    vae_dir = tmp_path / "vae-run" / "vae"
+    vae_config = json.loads((vae_dir / "config.json").read_text())
+    assert (
+        vae_config["latent_channels"] == 4 and vae_config["scaling_factor"] != 0.18215
+    )  # measured, not SD's
+    assert (tmp_path / "vae-run" / "validation" / "step-000003.png").is_file()
+
+    clip_json = tmp_path / "clip.json"
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    clip_json.write_text(json.dumps({"projection_dim": 16, "text_config": tower,
+                                     "vision_config": {**tower, "patch_size": 8}}))  # fmt: skip
+    flags = common_flags(shapes_data, tmp_path / "clip-run")
+    args = [
+        *flags,
+        "--clip_config",
+        str(clip_json),
+        "--max_text_length",
+        "24",
+        "--tokenizer_extra_words",
+        "star",
+    ]
+    assert train_clip.main(args) == 0
+    clip_dir = tmp_path / "clip-run"
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    assert (
+        tokenizer.model_max_length == 24 and len(tokenizer("star", add_special_tokens=False).input_ids) == 1
+    )
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder")
+    whole = __import__("transformers").CLIPModel.from_pretrained(clip_dir / "clip")
+    ids = tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
+    torch.testing.assert_close(text_encoder(ids).last_hidden_state, whole.text_model(ids).last_hidden_state)
+
+    unet_json = tmp_path / "unet.json"
+    unet_json.write_text(json.dumps({
+        "sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+        "attention_levels": [False, True], "layers_per_block": 1, "num_attention_heads": 2,
+        "cross_attention_dim": 16, "norm_num_groups": 8,
+    }))  # fmt: skip
+    flags = common_flags(shapes_data, tmp_path / "pipeline")
+    args = [*flags, "--unet_config", str(unet_json), "--pretrained_vae_model_name_or_path", str(vae_dir),
+            "--pretrained_text_encoder_name_or_path", str(clip_dir), "--cache_latents"]  # fmt: skip
+    assert train_t2i.main(args) == 0
+
+    from latentdiff import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+def test_bad_stage_flags_are_refused_before_training(tmp_path, shapes_data):
+    from config import ConfigError, parse_config
+
+    base = ["--train_data_dir", str(shapes_data), "--output_dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match="exactly one of --vae_config"):
+        parse_config(base, vae.VaeTrainConfig)
+    with pytest.raises(ConfigError, match="foreground_weight"):
+        parse_config([*base, "--vae_config", __file__, "--foreground_weight", "0.5"], vae.VaeTrainConfig)
+    with pytest.raises(ConfigError, match="clip_config"):
+        parse_config(base, clip.ClipTrainConfig)

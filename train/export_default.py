@@ -1,0 +1,103 @@
+"""Ship a trained pipeline folder as the embedded default: its weights stored in float16, checked against float32.
+
+    python train/export_default.py outputs/default/pipeline latentdiff/assets/default
+
+The weights are saved in float16 (half the size) and loaded back in float32, as `LatentPipeline()` runs them.
+Before anything is written over the destination, the script generates the ShapesBench prompts of a few groups with
+both weight sets (same seeds, 25 DDIM steps) and reports the largest pixel difference and how many images the
+detector reads differently; with --max-changed N it refuses to ship when more than N images change verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from latentdiff.eval import shapesbench  # noqa: E402
+from pipelines.latent_pipeline import LatentPipeline  # noqa: E402
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def generate(
+    pipe: LatentPipeline, prompts: list[shapesbench.BenchPrompt], steps: int, guidance: float
+) -> np.ndarray:
+    images = []
+    for start in range(0, len(prompts), 16):
+        batch = prompts[start : start + 16]
+        generators = [torch.Generator().manual_seed(p.seed) for p in batch]
+        out = pipe(
+            [p.text for p in batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+        )
+        images.append(out.images)
+    return np.concatenate(images)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="trained SD-layout folder (train_t2i.py's --output_dir)")
+    parser.add_argument("destination", type=Path, help="where the embedded default goes")
+    parser.add_argument("--prompts-per-group", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--max-changed", type=int, default=None, help="refuse if more images change verdict")
+    args = parser.parse_args()
+
+    full = LatentPipeline.from_pretrained(args.source)
+    full.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        half_dir = Path(tmp) / "default"
+        for name in PARTS:
+            getattr(full, name).to(torch.float16)
+        full.save_pretrained(half_dir)
+        for name in PARTS:
+            getattr(full, name).to(torch.float32)
+        half = LatentPipeline.from_pretrained(half_dir)  # float16 on disk, float32 in memory
+        half.set_progress_bar_config(disable=True)
+        prompts = shapesbench.bench_prompts(per_group=args.prompts_per_group)
+        a = generate(full, prompts, args.steps, args.guidance)
+        b = generate(half, prompts, args.steps, args.guidance)
+        diff = float(np.abs(a - b).max())
+        verdict_a, verdict_b = (
+            [
+                shapesbench.matches_prompt(Image.fromarray((x * 255).round().astype(np.uint8)), p.text)
+                for x, p in zip(images, prompts)
+            ]
+            for images in (a, b)
+        )
+        changed = sum(x != y for x, y in zip(verdict_a, verdict_b))
+        print(
+            f"{len(prompts)} prompts: max |float32 - float16| pixel difference {diff:.4f} (in [0, 1]); "
+            f"{changed} image(s) read differently by the detector; matches float32 {sum(verdict_a)}, "
+            f"float16 {sum(verdict_b)}"
+        )
+        if args.max_changed is not None and changed > args.max_changed:
+            print(
+                f"refusing to ship float16 weights: {changed} > --max-changed {args.max_changed}",
+                file=sys.stderr,
+            )
+            return 1
+        if args.destination.exists():
+            shutil.rmtree(args.destination)
+        shutil.copytree(half_dir, args.destination)
+    size = sum(f.stat().st_size for f in args.destination.rglob("*") if f.is_file())
+    print(f"wrote {args.destination} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
