@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     vae = build_vae(cfg)
     task = VaeTask(cfg, vae, accelerator, seed)
     train_set, collate = task.datasets(data)
-    trainer = Trainer(cfg, accelerator, vae, task.compute_loss, train_set, collate, seed=seed, validate=task.validate)
+    trainer = Trainer(
+        cfg, accelerator, vae, task.compute_loss, train_set, collate, seed=seed, validate=task.validate
+    )
     return run_and_export(cfg, accelerator, trainer, task.export, seed)
 
 
