@@ -291,7 +291,7 @@ def test_disable_then_enable(pipe, tmp_path):
     assert torch.equal(latents(pipe), with_adapter) and pipe.get_active_adapters() == [name]
     pipe.fuse_lora()
     pipe.disable_lora()  # unfuses first
-    torch.testing.assert_close(latents(pipe), base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(latents(pipe), base, rtol=1e-4, atol=1e-4)  # W + BA - BA rounds
     assert all(p.requires_grad is False for n, p in pipe.unet.named_parameters() if ".lora_" in n)
 
 
