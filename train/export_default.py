@@ -11,6 +11,7 @@ detector reads differently; with --max-changed N it refuses to ship when more th
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -61,11 +62,10 @@ def main() -> int:
     full.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
         half_dir = Path(tmp) / "default"
+        halved = copy.deepcopy(full)  # cast a copy: .to() works in place, and `full` must keep float32
         for name in PARTS:
-            getattr(full, name).to(torch.float16)
-        full.save_pretrained(half_dir)
-        for name in PARTS:
-            getattr(full, name).to(torch.float32)
+            getattr(halved, name).to(torch.float16)
+        halved.save_pretrained(half_dir)
         half = LatentPipeline.from_pretrained(half_dir)  # float16 on disk, float32 in memory
         half.set_progress_bar_config(disable=True)
         prompts = shapesbench.bench_prompts(per_group=args.prompts_per_group)
