@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from config import ConfigError, TrainConfig, _flag
+from t2i import split_image_datasets
 from torch import nn
 from trainer import BatchRandom, Trainer
 
-from latentdiff.data.dataset import ImageTransform, TextImageDataset, captions_of, collate_text_image
+from latentdiff.data.dataset import TextImageDataset, captions_of, collate_text_image
 from latentdiff.data.tokenizer import build_word_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -123,19 +124,10 @@ class ClipTask:
 
     def datasets(self, dataset) -> tuple[TextImageDataset, Any]:
         """(training dataset, collate); the last --validation_holdout rows are held out for validation."""
-        cfg = self.cfg
-        transform = ImageTransform(cfg.resolution, cfg.center_crop)
-        n_train = len(dataset) - cfg.validation_holdout
-
-        def make(indices: range, flip: bool) -> TextImageDataset:
-            return TextImageDataset(
-                dataset.select(indices), cfg.image_column, cfg.caption_column, transform, flip, self.seed
-            )
-
-        if cfg.validation_holdout:
-            held = make(range(n_train, len(dataset)), False)
+        train, held = split_image_datasets(self.cfg, dataset, self.seed)
+        if held is not None:
             self.holdout = collate_text_image([held[i] for i in range(len(held))])
-        return make(range(n_train), cfg.random_flip), collate_text_image
+        return train, collate_text_image
 
     def _tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(

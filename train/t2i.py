@@ -222,6 +222,23 @@ def load_data(cfg: TrainConfig):
     return without_image_decoding(dataset, cfg.image_column)
 
 
+def split_image_datasets(
+    cfg: TrainConfig, dataset, seed: int
+) -> tuple[TextImageDataset, TextImageDataset | None]:
+    """(training rows, the last --validation_holdout rows or None) as decoded, transformed `TextImageDataset`s;
+    only the training part is flipped (--random_flip)."""
+    transform = ImageTransform(cfg.resolution, cfg.center_crop)
+    n_train = len(dataset) - cfg.validation_holdout
+
+    def make(indices: range, flip: bool) -> TextImageDataset:
+        return TextImageDataset(
+            dataset.select(indices), cfg.image_column, cfg.caption_column, transform, flip, seed
+        )
+
+    holdout = make(range(n_train, len(dataset)), False) if cfg.validation_holdout else None
+    return make(range(n_train), cfg.random_flip), holdout
+
+
 # ---- models -------------------------------------------------------------------------------------------------------
 
 

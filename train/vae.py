@@ -33,10 +33,11 @@ import torch
 from accelerate import Accelerator
 from config import ConfigError, TrainConfig, _flag
 from PIL import Image
+from t2i import split_image_datasets
 from torch import nn
 from trainer import BatchRandom, Trainer
 
-from latentdiff.data.dataset import ImageTransform, TextImageDataset, collate_text_image
+from latentdiff.data.dataset import TextImageDataset, collate_text_image
 
 logger = logging.getLogger(__name__)
 
@@ -146,19 +147,10 @@ class VaeTask:
 
     def datasets(self, dataset) -> tuple[TextImageDataset, Any]:
         """(training dataset, collate); the last --validation_holdout rows are held out for validation."""
-        cfg = self.cfg
-        transform = ImageTransform(cfg.resolution, cfg.center_crop)
-        n_train = len(dataset) - cfg.validation_holdout
-
-        def make(indices: range, flip: bool) -> TextImageDataset:
-            return TextImageDataset(
-                dataset.select(indices), cfg.image_column, cfg.caption_column, transform, flip, self.seed
-            )
-
-        if cfg.validation_holdout:
-            holdout = make(range(n_train, len(dataset)), False)
-            self.holdout_pixels = torch.stack([holdout[i]["pixel_values"] for i in range(len(holdout))])
-        return make(range(n_train), cfg.random_flip), collate_text_image
+        train, held = split_image_datasets(self.cfg, dataset, self.seed)
+        if held is not None:
+            self.holdout_pixels = torch.stack([held[i]["pixel_values"] for i in range(len(held))])
+        return train, collate_text_image
 
     def reconstruct(self, vae: nn.Module, images: torch.Tensor, rng: BatchRandom | None = None):
         """(reconstruction, posterior) of images (B, 3, H, W) in [-1, 1]."""
