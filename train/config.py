@@ -86,6 +86,12 @@ class TrainConfig:
         "What the UNet learns to predict: epsilon | v_prediction | sample (x0). Default: the noise scheduler's.",
         choices=PREDICTION_TYPES,
     )
+    train_text_encoder: bool = _flag(
+        False,
+        "Train the text encoder together with the UNet (same optimizer and learning rate; exported with the "
+        "pipeline). A text tower pre-trained contrastively may not encode every word the images depend on "
+        "(positions, say); training it on the diffusion loss teaches it those.",
+    )
     cache_dir: str | None = _flag(None, "Where hub downloads (models and datasets) are stored.")
 
     # ---- data ----------------------------------------------------------------------------------------------------

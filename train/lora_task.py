@@ -29,7 +29,6 @@ from t2i import T2IModels, TextToImageTask, unet_config_from_file
 from torch import nn
 from trainer import Trainer, derive_seed
 
-from latentdiff.conditioning import encode_prompts
 from latentdiff.lora import (
     ATTENTION_TARGETS,
     LORA_WEIGHTS_NAME,
@@ -76,11 +75,6 @@ class LoraTrainConfig(TrainConfig):
             self.unet_lora_spec()
         except ValueError as error:
             raise ConfigError(f"--rank/--lora_alpha/--lora_dropout/--lora_targets: {error}") from None
-        if self.train_text_encoder and self.cache_latents:
-            raise ConfigError(
-                "--train_text_encoder encodes the captions with the adapted text encoder at every step, but "
-                "--cache_latents replaces the captions by cached embeddings: drop one of the two."
-            )
 
     def unet_lora_spec(self) -> LoraSpec:
         return LoraSpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
@@ -171,14 +165,6 @@ def checkpoint_trained_parameters_only(accelerator: Accelerator) -> None:
 
 class LoraTask(TextToImageTask):
     """`TextToImageTask` whose export is the adapter alone (its loss, data and validation are unchanged)."""
-
-    def compute_loss(self, model: nn.Module, batch: dict, rng) -> torch.Tensor:
-        """The text-to-image loss; with --train_text_encoder the classifier-free ∅ is the empty prompt through the
-        text encoder being trained (as the pipeline computes it at inference), not through the one at the start."""
-        _, text_encoder = self._unet_and_text_encoder(model)
-        if text_encoder is not None:
-            self.empty_embed = encode_prompts(self.models.tokenizer, text_encoder, [""], self.device)
-        return super().compute_loss(model, batch, rng)
 
     def export(self, trainer: Trainer) -> Path:
         """Write the adapter (EMA weights if --use_ema) into --output_dir: pytorch_lora_weights.safetensors and

@@ -349,6 +349,17 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     return T2IModels(unet, vae, text_encoder, tokenizer, build_noise_scheduler(cfg, model_folder))
 
 
+def trained_module(cfg: TrainConfig, models: T2IModels) -> nn.Module:
+    """The module the loop trains: the UNet, or with --train_text_encoder ModuleDict(unet=, text_encoder=) with the
+    text encoder unfrozen, float32, in train mode (the task reads either layout)."""
+    if not cfg.train_text_encoder:
+        return models.unet
+    models.text_encoder.requires_grad_(True)
+    models.text_encoder.to(torch.float32)
+    models.text_encoder.train()
+    return nn.ModuleDict({"unet": models.unet, "text_encoder": models.text_encoder})
+
+
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
     """dtype of the frozen parts: half precision under mixed precision (they are only run forward)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -482,6 +493,8 @@ class TextToImageTask:
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         """The training loss of one micro-batch (mean over its samples); all randomness from `rng`."""
         unet, trained_text_encoder = self._unet_and_text_encoder(model)
+        if trained_text_encoder is not None:  # ∅ through the text encoder being trained, as the pipeline computes it
+            self.empty_embed = encode_prompts(self.models.tokenizer, trained_text_encoder, [""], self.device)
         mean, logvar = self._posterior(batch)
         latents = sample_posterior(mean, logvar, rng.randn(*mean.shape[1:]))  # z₀ ~ q(z | x)
         prompt_embeds = self._prompt_embeds(batch, trained_text_encoder)
@@ -515,23 +528,28 @@ class TextToImageTask:
         latents = mean.repeat_interleave(k, dim=0)
         return {
             "latents": latents,
+            "captions": [caption for caption in batch["captions"] for _ in range(k)],
             "prompt_embeds": prompt_embeds.repeat_interleave(k, dim=0),
             "timesteps": timesteps.repeat(len(mean)).to(self.device),
             "noise": torch.randn(latents.shape, generator=generator).to(self.device),
         }
 
     @torch.no_grad()
-    def validation_loss(self, unet: nn.Module) -> float:
-        """The training loss (without dropout) on the held-out samples at fixed noise and timesteps."""
+    def validation_loss(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> float:
+        """The training loss (without dropout) on the held-out samples at fixed noise and timesteps; the captions
+        are encoded by `text_encoder` when it is trained, else the embeddings computed once are used."""
         b = self._holdout_batch
         losses = []
         for start in range(0, len(b["latents"]), self.cfg.train_batch_size):
             part = {k: v[start : start + self.cfg.train_batch_size] for k, v in b.items()}
             with self.accelerator.autocast():
+                prompt_embeds = (
+                    part["prompt_embeds"]
+                    if text_encoder is None
+                    else encode_prompts(self.models.tokenizer, text_encoder, part["captions"], self.device)
+                )
                 losses.append(
-                    self.per_sample_loss(
-                        unet, part["latents"], part["prompt_embeds"], part["noise"], part["timesteps"]
-                    )
+                    self.per_sample_loss(unet, part["latents"], prompt_embeds, part["noise"], part["timesteps"])
                 )
         return float(torch.cat(losses).mean())
 
@@ -574,17 +592,17 @@ class TextToImageTask:
         logs: dict[str, float] = {}
         if self.accelerator.is_main_process:
             unet, text_encoder = self._unet_and_text_encoder(trainer.model)
-            unet.eval()
+            trainer.model.eval()
             try:
                 if self._holdout_batch is not None:
-                    logs["val_loss"] = self.validation_loss(unet)
+                    logs["val_loss"] = self.validation_loss(unet, text_encoder)
                 with trainer.averaged_weights():
                     if self._holdout_batch is not None and trainer.ema is not None:
-                        logs["val_loss_ema"] = self.validation_loss(unet)
+                        logs["val_loss_ema"] = self.validation_loss(unet, text_encoder)
                     if self.cfg.validation_prompts:
                         self._save_grid(self.validation_images(unet, text_encoder), step)
             finally:
-                unet.train()
+                trainer.model.train()
         self.accelerator.wait_for_everyone()
         return logs
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from accelerate.utils import set_seed
 from config import TrainConfig, parse_config
-from t2i import TextToImageTask, build_models, check_model_files, load_data, weight_dtype_of
+from t2i import TextToImageTask, build_models, check_model_files, load_data, trained_module, weight_dtype_of
 from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(
         cfg,
         accelerator,
-        models.unet,
+        trained_module(cfg, models),
         task.compute_loss,
         train_set,
         collate,

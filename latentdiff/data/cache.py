@@ -119,6 +119,7 @@ class LatentCache:
         meta = json.loads((self.path / "meta.json").read_text())
         self.meta = meta
         self.caption_ids: list[list[int]] = meta["caption_ids"]
+        self.captions: list[str] = meta["captions"]  # distinct captions, by caption id
         self.valid = np.load(self.path / "valid.npy")
         self.latent_mean = np.load(self.path / "latent_mean.npy", mmap_mode="r")
         self.latent_logvar = np.load(self.path / "latent_logvar.npy", mmap_mode="r")
@@ -303,7 +304,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         seed: seed of the per-sample choices.
 
     Items: {"latent_mean", "latent_logvar": (C, h, w) float32 (latent units), "prompt_embeds": (L, D),
-    "index": int, "skipped": list[int]}.
+    "caption": str (the caption drawn, for a text encoder that is trained), "index": int, "skipped": list[int]}.
     """
 
     def __init__(self, cache: LatentCache, indices: Sequence[int], random_flip: bool, seed: int) -> None:
@@ -326,10 +327,12 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
             ids = self.cache.caption_ids[index]
             choices = SampleChoices.draw(self.seed, epoch, index, len(ids), self.random_flip)
             mean, logvar = self.cache.posterior(index, choices.flip)
+            caption_id = ids[choices.caption_index]
             return {
                 "latent_mean": mean,
                 "latent_logvar": logvar,
-                "prompt_embeds": self.cache.text_embed(ids[choices.caption_index]),
+                "prompt_embeds": self.cache.text_embed(caption_id),
+                "caption": self.cache.captions[caption_id],
                 "index": index,
                 "skipped": skipped,
             }
@@ -337,8 +340,10 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack cached samples: latent_mean, latent_logvar (B, C, h, w), prompt_embeds (B, L, D), indices, skipped."""
+    """Stack cached samples: latent_mean, latent_logvar (B, C, h, w), prompt_embeds (B, L, D), captions, indices,
+    skipped."""
     return {
+        "captions": [item["caption"] for item in items],
         "latent_mean": torch.stack([item["latent_mean"] for item in items]),
         "latent_logvar": torch.stack([item["latent_logvar"] for item in items]),
         "prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]),
