@@ -58,6 +58,7 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
         seed=args.seed,
         star_only=args.include_star_only,
         overwrite=args.overwrite,
+        star_fraction=args.star_fraction,
     )
     print(f"wrote {args.num_images} images and metadata.jsonl to {out}")
     return 0
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument(
         "--include-star-only", action="store_true", help="render star scenes (the LoRA demo data)"
+    )
+    data.add_argument(
+        "--star-fraction",
+        type=float,
+        default=1.0,
+        help="with --include-star-only: the share of star scenes, the rest base scenes (default 1.0: stars only)",
     )
     data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     data.set_defaults(func=_cmd_make_dataset)

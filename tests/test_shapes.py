@@ -58,6 +58,14 @@ def test_training_data_never_shows_held_out_pairs_or_star():
         s for _, _, scene in iter_shapes_samples(200, size=32, seed=0, star_only=True) for s in scene.objects
     ]
     assert {o.shape for o in stars} == {STAR} and {o.color for o in stars} == set(OBJECT_COLORS)
+    # a star fraction mixes star-only scenes with base scenes (still no held-out pair), and keeps the star scenes
+    mixed = [scene for _, _, scene in iter_shapes_samples(400, size=32, seed=0, star_only=True, star_fraction=0.5)]
+    star_scenes = [scene for scene in mixed if {o.shape for o in scene.objects} == {STAR}]
+    base_scenes = [scene for scene in mixed if STAR not in {o.shape for o in scene.objects}]
+    assert len(star_scenes) + len(base_scenes) == 400 and 150 < len(star_scenes) < 250
+    assert not {(o.color, o.shape) for scene in base_scenes for o in scene.objects} & HELD_OUT_PAIRS
+    with pytest.raises(ValueError, match="star_fraction=1.5 must be in"):
+        next(iter_shapes_samples(1, star_only=True, star_fraction=1.5))
     # the detector's scenes may use held-out pairs
     rng = np.random.default_rng(0)
     pairs = {(o.color, o.shape) for _ in range(500) for o in sample_scene(rng, allow_held_out=True).objects}

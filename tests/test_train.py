@@ -566,6 +566,35 @@ def test_latent_cache_is_reused_invalidated_and_trains_like_no_cache(
     )
 
 
+def text_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(path / "text_encoder" / "model.safetensors")).items()}
+
+
+@pytest.mark.slow
+def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncached(
+    tmp_path, tiny_sd_dir, train_data, one_thread
+):
+    common = dict(train_text_encoder=True, center_crop=True, validation_holdout=2, validation_steps=2,
+                  latents_cache_dir=tmp_path / "cache")  # fmt: skip
+    whole, split, uncached = tmp_path / "whole", tmp_path / "split", tmp_path / "uncached"
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, whole, cache_latents=True, **common)) == 0
+    text_start, unet_start = text_encoder_weights(tiny_sd_dir), unet_weights(tiny_sd_dir)
+    assert relative_difference(text_encoder_weights(whole), text_start, text_start) > 0  # the text tower trained
+    assert relative_difference(unet_weights(whole), unet_start, unet_start) > 0
+    # a checkpoint holds both modules: stopping at step 2 and resuming ends where the uninterrupted run ends
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, split, cache_latents=True, max_train_steps=2,
+                                   checkpointing_steps=2, **common)) == 0  # fmt: skip
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, split, cache_latents=True,
+                                   resume_from_checkpoint="latest", **common)) == 0  # fmt: skip
+    for weights in (text_encoder_weights, unet_weights):
+        a, b = weights(whole), weights(split)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, weights.__name__
+    # the cache gives the trained text encoder the captions the uncached run reads
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, uncached, **common)) == 0
+    assert relative_difference(text_encoder_weights(whole), text_encoder_weights(uncached), text_start) < 1e-2
+    assert relative_difference(unet_weights(whole), unet_weights(uncached), unet_start) < 1e-2
+
+
 @pytest.mark.slow
 def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_dir, train_data, one_thread):
     cfg = config.parse_config(

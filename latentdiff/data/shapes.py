@@ -425,17 +425,27 @@ def scene_for_caption(caption: ParsedCaption, rng: np.random.Generator) -> Scene
 
 
 def iter_shapes_samples(
-    num_images: int, size: int = 64, seed: int = 0, star_only: bool = False, drop_prob: float = 0.2
+    num_images: int,
+    size: int = 64,
+    seed: int = 0,
+    star_only: bool = False,
+    drop_prob: float = 0.2,
+    star_fraction: float = 1.0,
 ) -> Iterator[tuple[Image.Image, str, Scene]]:
     """Yields (image, caption, scene) training samples: never a held-out pair, never a star unless star_only.
 
-    Sample i draws from its own generator seeded by (seed, i), so it is the same whatever num_images is.
+    With star_only, each sample is a star-only scene with probability star_fraction and a base scene otherwise (a
+    LoRA that also sees base scenes forgets less of them). Sample i draws from its own generator seeded by
+    (seed, i), so it is the same whatever num_images is.
     """
     if num_images < 0:
         raise ValueError(f"num_images={num_images!r} must be ≥ 0")
+    if not 0.0 <= star_fraction <= 1.0:
+        raise ValueError(f"star_fraction={star_fraction!r} must be in [0, 1], e.g. 0.5 for half star scenes")
     for index in range(num_images):
         rng = np.random.default_rng([seed, index])
-        scene = sample_scene(rng, star_only=star_only)
+        star = star_only and (star_fraction >= 1.0 or np.random.default_rng([seed, index, 1]).random() < star_fraction)
+        scene = sample_scene(rng, star_only=star)
         yield render_scene(scene, size), caption_scene(scene, rng, drop_prob), scene
 
 
@@ -447,9 +457,11 @@ def write_shapes_dataset(
     star_only: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    star_fraction: float = 1.0,
 ) -> Path:
     """Writes a shapes dataset as an imagefolder: `images/NNNNNN.png` and `metadata.jsonl` with the columns
-    `file_name` and `text`, readable by `datasets.load_dataset("imagefolder", data_dir=out_dir)`.
+    `file_name` and `text`, readable by `datasets.load_dataset("imagefolder", data_dir=out_dir)`. star_only and
+    star_fraction: as `iter_shapes_samples`.
 
     A non-empty out_dir is refused unless overwrite is set; overwrite replaces only what this function writes
     (`images/` and `metadata.jsonl`). Returns the folder.
@@ -470,7 +482,7 @@ def write_shapes_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     digits = max(6, len(str(max(num_images - 1, 0))))
     rows = []
-    samples = iter_shapes_samples(num_images, size, seed, star_only)
+    samples = iter_shapes_samples(num_images, size, seed, star_only, star_fraction=star_fraction)
     for index, (image, caption, _) in enumerate(
         tqdm(samples, total=num_images, desc="shapes dataset", unit="img", disable=not progress)
     ):
