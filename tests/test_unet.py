@@ -390,3 +390,36 @@ def test_bad_config_is_refused():
         UNetConfig(block_out_channels=(30, 60), attention_levels=(True, False), norm_num_groups=8)
     with pytest.raises(ValueError, match="attention_levels"):
         UNetConfig(block_out_channels=(32, 64), attention_levels=(True,))
+
+
+# ---- position embedding (a latentdiff extension, off in Stable Diffusion layouts) ----
+
+
+def test_position_embedding_is_a_fixed_sincos_code_of_each_pixel():
+    from latentdiff.models.attention import sincos_position_embedding
+
+    emb = sincos_position_embedding(4, 6, 16)
+    assert emb.shape == (1, 24, 16)
+    assert len({tuple(row.tolist()) for row in emb[0]}) == 24  # every pixel has its own code
+    grid = emb[0].reshape(4, 6, 16)
+    assert torch.equal(grid[:, 0, :8], grid[:, 5, :8]) and torch.equal(grid[0, :, 8:], grid[3, :, 8:])  # rows, cols
+    # a pixel's code depends on where it lies in the image, not on the resolution: pixel (0, 0) of a 2x2 map and
+    # pixel (1, 1) of a 6x6 map both centre at a quarter of the side
+    assert torch.allclose(sincos_position_embedding(2, 2, 16)[0, 0], sincos_position_embedding(6, 6, 16)[0, 7])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_position_embedding(2, 2, 6)
+
+
+def test_position_embedding_round_trips_and_changes_only_the_forward(tmp_path, tiny):
+    config = dataclasses.replace(TINY, position_embedding=True)
+    with_position = ConditionalUNet(config).eval()
+    with_position.load_state_dict(tiny.state_dict())  # no extra weights
+    assert "latentdiff_position_embedding" not in TINY.to_diffusers()  # SD layouts are written as before
+    with_position.save_pretrained(tmp_path / "model")
+    loaded = ConditionalUNet.from_pretrained(tmp_path, subfolder="model")
+    assert loaded.config.position_embedding
+    sample, timesteps, context = inputs()
+    with torch.no_grad():
+        out = with_position(sample, timesteps, context)
+        assert torch.equal(loaded(sample, timesteps, context), out)
+        assert not torch.allclose(out, tiny(sample, timesteps, context))

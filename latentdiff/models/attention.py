@@ -157,6 +157,30 @@ class TransformerBlock(nn.Module):
         return self.ff(self.norm3(hidden_states)) + hidden_states
 
 
+def sincos_position_embedding(
+    height: int, width: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(1, H·W, dim) fixed embedding of pixel (row, column), rows first: the first dim/2 channels encode the row,
+    the rest the column, each as [sin(p·ω_k), cos(p·ω_k)] with ω_k = 10000^(−k/(dim/4)), k < dim/4 (MAE's 2-D
+    sine-cosine embedding). Positions are in units of the map's side (p = index / side · 16), so a pixel's
+    embedding depends on where it lies in the image, not on the resolution. dim must be a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"position embedding width {dim} must be a multiple of 4")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, dim/2)
+        angles = positions[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows = encode((torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 16)
+    cols = encode((torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 16)
+    grid = torch.cat(
+        [rows[:, None].expand(height, width, -1), cols[None].expand(height, width, -1)], dim=-1
+    )  # (H, W, dim)
+    return grid.reshape(1, height * width, dim).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map (LDM's `SpatialTransformer`, diffusers'
     `Transformer2DModel`): GroupNorm (eps 1e-6), projection in, `num_layers` transformer blocks, projection
@@ -171,6 +195,9 @@ class SpatialTransformer(nn.Module):
         linear_projection: project in and out with `nn.Linear` on the tokens (Stable Diffusion 2.x) instead
             of a 1x1 `nn.Conv2d` on the map (Stable Diffusion 1.x): the same map, another weight shape.
         upcast: see `Attention`.
+        position_embedding: add a fixed 2-D sine-cosine embedding of each pixel's (row, column) to the tokens
+            before the blocks (as DiT and MAE do), so that attention can tell where a pixel is; without it only
+            the convolutions' zero padding tells. No weights; off in every Stable Diffusion layout.
     """
 
     def __init__(
@@ -182,11 +209,13 @@ class SpatialTransformer(nn.Module):
         norm_groups: int = 32,
         linear_projection: bool = False,
         upcast: bool = False,
+        position_embedding: bool = False,
     ) -> None:
         super().__init__()
         head_dim = channels // heads
         inner_dim = heads * head_dim
         self.linear_projection = linear_projection
+        self.position_embedding = position_embedding
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
         if linear_projection:
             self.proj_in = nn.Linear(channels, inner_dim)
@@ -207,6 +236,8 @@ class SpatialTransformer(nn.Module):
             tokens = self.proj_in(normed.permute(0, 2, 3, 1).flatten(1, 2))
         else:
             tokens = self.proj_in(normed).permute(0, 2, 3, 1).flatten(1, 2)
+        if self.position_embedding:
+            tokens = tokens + sincos_position_embedding(height, width, tokens.shape[-1], tokens.device, tokens.dtype)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         # (B, H·W, C) -> (B, C, H, W): a view with channels-last strides, which convolutions take as it is.

@@ -286,6 +286,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (SD) or [sin, cos]
     freq_shift: int = 0  # timestep embedding frequency shift (0 in SD; 1 in the DDPM code)
     dropout: float = 0.0  # ResBlock dropout
+    position_embedding: bool = False  # add a 2-D sine-cosine pixel position to the transformers' tokens (not SD)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # lists (JSON, YAML) -> tuples, so that configs compare equal
@@ -378,6 +379,8 @@ class UNetConfig:
             "attention_head_dim": as_json(self.num_attention_heads),  # the head count: see the docstring
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
+            # not a diffusers key: diffusers' UNet2DConditionModel ignores it (and then lacks the embedding)
+            **({POSITION_EMBEDDING_KEY: True} if self.position_embedding else {}),
         }
 
     @classmethod
@@ -394,6 +397,8 @@ class UNetConfig:
             )
         for key, value in config.items():
             if key.startswith("_") or key in _DIFFUSERS_DEFAULTS or key in _DIFFUSERS_IGNORED:
+                continue
+            if key == POSITION_EMBEDDING_KEY and isinstance(value, bool):
                 continue
             if key in _DIFFUSERS_NEUTRAL:
                 allowed = _DIFFUSERS_NEUTRAL[key]
@@ -467,6 +472,7 @@ class UNetConfig:
             flip_sin_to_cos=c["flip_sin_to_cos"],
             freq_shift=c["freq_shift"],
             dropout=c["dropout"],
+            position_embedding=config.get(POSITION_EMBEDDING_KEY, False),
         )
 
 
@@ -526,6 +532,7 @@ _DIFFUSERS_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
 }
+POSITION_EMBEDDING_KEY = "latentdiff_position_embedding"  # config.json key of UNetConfig.position_embedding
 _DIFFUSERS_IGNORED = {"addition_embed_type_num_heads"}  # no effect while addition_embed_type is None
 
 
@@ -569,6 +576,7 @@ class ConditionalUNet(nn.Module):
                 norm_groups=c.norm_num_groups,
                 linear_projection=c.use_linear_projection,
                 upcast=c.upcast_attention,
+                position_embedding=c.position_embedding,
             )
 
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
