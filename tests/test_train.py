@@ -593,6 +593,16 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, uncached, **common)) == 0
     assert relative_difference(text_encoder_weights(whole), text_encoder_weights(uncached), text_start) < 1e-2
     assert relative_difference(unet_weights(whole), unet_weights(uncached), unet_start) < 1e-2
+    # --text_encoder_init random: the same shape and vocabulary, fresh weights, trained; refused when not trained
+    fresh = tmp_path / "fresh"
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random", max_train_steps=1,
+                                   **common)) == 0  # fmt: skip
+    fresh_weights = text_encoder_weights(fresh)
+    assert fresh_weights.keys() == text_start.keys()
+    flat = lambda d: torch.cat([d[k].flatten().double() for k in sorted(d)])  # noqa: E731
+    assert (flat(fresh_weights) - flat(text_start)).norm() > 0.5 * flat(text_start).norm()  # not the loaded ones
+    with pytest.raises(config.ConfigError, match="--text_encoder_init random.*add --train_text_encoder"):
+        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random"))
 
 
 @pytest.mark.slow

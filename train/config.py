@@ -92,6 +92,12 @@ class TrainConfig:
         "pipeline). A text tower pre-trained contrastively may not encode every word the images depend on "
         "(positions, say); training it on the diffusion loss teaches it those.",
     )
+    text_encoder_init: str = _flag(
+        "pretrained",
+        "pretrained: the text encoder's weights as loaded; random: a text encoder of the same config (and the same "
+        "tokenizer) with fresh weights, trained with the UNet (needs --train_text_encoder).",
+        choices=("pretrained", "random"),
+    )
     cache_dir: str | None = _flag(None, "Where hub downloads (models and datasets) are stored.")
 
     # ---- data ----------------------------------------------------------------------------------------------------
@@ -236,6 +242,10 @@ class TrainConfig:
             raise ConfigError(f"--learning_rate={self.learning_rate} must be positive, e.g. 1e-4.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay={self.ema_decay} must lie in [0, 1), e.g. 0.9999.")
+        if self.text_encoder_init == "random" and not self.train_text_encoder:
+            raise ConfigError(
+                "--text_encoder_init random gives the UNet an untrained text encoder: add --train_text_encoder."
+            )
         if self.cache_latents and not self.center_crop:
             raise ConfigError(
                 "--cache_latents stores one crop per image, so random crops cannot be cached: add --center_crop "

@@ -333,6 +333,8 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     tokenizer = CLIPTokenizer.from_pretrained(root / (sub or ""))
     root, sub = _part(text_folder, "text_encoder")
     text_encoder = CLIPTextModel.from_pretrained(root / (sub or ""))
+    if cfg.text_encoder_init == "random":  # same shape and vocabulary, fresh weights (seeded by the run's seed)
+        text_encoder = CLIPTextModel(text_encoder.config)
     root, sub = _part(vae_folder, "vae")
     vae = AutoencoderKL.from_pretrained(root, subfolder=sub)
     if cfg.unet_config is not None:
