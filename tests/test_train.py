@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import signal
@@ -631,6 +632,32 @@ def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_
     half = dropped(0.5)
     assert half.any() and not half.all()
     assert not torch.equal(batch["prompt_embeds"][0], empty[0])  # the captions themselves are not empty
+
+
+@pytest.mark.slow
+def test_latent_sample_mean_trains_on_the_posterior_mean_and_a_wide_posterior_is_warned_of(
+    tmp_path, tiny_sd_dir, train_data, one_thread, caplog
+):
+    cfg = config.parse_config(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    accelerator = trainer.make_accelerator(cfg)
+    models = t2i.build_models(cfg, accelerator.device, torch.float32)
+    task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)
+    train_set, _, collate = task.datasets(t2i.load_data(cfg))
+    batch = collate([train_set[(0, i)] for i in range(4)])
+    seen = []
+    models.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+
+    def unet_input(latent_sample: str, sigma: float) -> torch.Tensor:
+        batch["latent_logvar"] = torch.full_like(batch["latent_mean"], 2 * math.log(sigma))
+        task.cfg = dataclasses.replace(cfg, latent_sample=latent_sample)
+        task.compute_loss(models.unet, batch, trainer.BatchRandom(0, 0, 0, 4, 0, 4, torch.device("cpu")))
+        return seen[-1]
+
+    with caplog.at_level("WARNING"):
+        assert torch.equal(unet_input("mean", 1.0), unet_input("mean", 3.0))  # σ is not read: z₀ = μ
+        assert "posterior is wide" not in caplog.text
+        assert not torch.allclose(unet_input("sample", 1.0), unet_input("sample", 3.0))  # z₀ = μ + σ·ε_z
+        assert "posterior is wide" in caplog.text and "--latent_sample mean" in caplog.text
 
 
 @pytest.mark.slow

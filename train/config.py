@@ -40,6 +40,9 @@ LR_SCHEDULERS = (
 )  # diffusers.optimization.get_scheduler names
 
 
+LATENT_SAMPLES = ("mean", "sample")  # what z0 is: the VAE posterior's mean, or a sample of it
+
+
 class ConfigError(ValueError):
     """A bad option value, found before any model is loaded; the message names the flag and the fix."""
 
@@ -171,6 +174,14 @@ class TrainConfig:
     noise_offset: float = _flag(
         0.0, "Scale of the per-channel offset added to the noise (0: none), e.g. 0.05."
     )
+    latent_sample: str = _flag(
+        "sample",
+        "Train on a sample of the VAE posterior, z0 = mu + sigma*eps (sample, as Stable Diffusion's VAE is "
+        "trained), or on its mean mu (mean: for a VAE whose decoder was trained on the mean, such as "
+        "train_vae.py --latent_sample mean; its sigma carries no information and sampling it buries the image "
+        "in noise).",
+        choices=LATENT_SAMPLES,
+    )
     cond_dropout_prob: float = _flag(
         0.1,
         "Probability, per sample and step, of replacing the caption by the empty prompt (classifier-free "
@@ -224,6 +235,7 @@ class TrainConfig:
 
     def validate_loop(self) -> None:
         """Checks of the data, optimisation, checkpoint and validation options every training script shares."""
+        _choice("latent_sample", self.latent_sample, LATENT_SAMPLES)
         if self.dataset_name is None and self.train_data_dir is None:
             raise ConfigError(
                 "no training data: pass --dataset_name (hub name or folder) or --train_data_dir."

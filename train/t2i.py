@@ -7,7 +7,7 @@ The loss (Ho et al. 2020; Rombach et al. 2022, eq. 2), per sample of the batch:
 
 | code name        | symbol       | meaning                                                                          |
 |------------------|--------------|----------------------------------------------------------------------------------|
-| `latents`        | z₀           | z₀ = μ + σ·ε_z from the VAE posterior of the image (latent units)                |
+| `latents`        | z₀           | z₀ = μ + σ·ε_z from the VAE posterior of the image, or μ (`--latent_sample mean`) |
 | `prompt_embeds`  | c            | text embedding; replaced by the empty prompt's ∅ with probability p (CFG dropout) |
 | `noise`          | ε            | ε ~ N(0, I), plus noise_offset · N(0, I) per channel when set                     |
 | `timesteps`      | t            | uniform in {0, …, T−1}                                                           |
@@ -390,6 +390,7 @@ class TextToImageTask:
         self.num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
         self.prediction_type = models.noise_scheduler.config.prediction_type
         self.cache = None
+        self._posterior_checked = False  # the wide-posterior warning is given once
         with torch.no_grad():
             self.empty_embed = encode_prompts(models.tokenizer, models.text_encoder, [""]).to(
                 self.device
@@ -492,13 +493,33 @@ class TextToImageTask:
             min_snr_weight(self.noise_schedule.snr(timesteps), self.cfg.snr_gamma, self.prediction_type) * mse
         )
 
+    def _warn_if_posterior_is_wide(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Warn once when σ of the posterior is comparable to the spread of μ (latent units): sampling z₀ then adds
+        noise as strong as the image's own signal (a VAE trained on its posterior mean leaves σ ≈ 1)."""
+        if self._posterior_checked:
+            return
+        self._posterior_checked = True
+        sigma, spread = float(torch.exp(0.5 * logvar).mean()), float(mean.std())
+        if sigma > 0.1 * spread:
+            logger.warning(
+                "the VAE posterior is wide: mean σ %.3g against a spread of μ of %.3g (latent units), so sampling "
+                "z₀ = μ + σ·ε buries the image in noise the decoder never saw; if the VAE was trained on its "
+                "posterior mean (train_vae.py --latent_sample mean), train with --latent_sample mean.",
+                sigma,
+                spread,
+            )
+
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         """The training loss of one micro-batch (mean over its samples); all randomness from `rng`."""
         unet, trained_text_encoder = self._unet_and_text_encoder(model)
         if trained_text_encoder is not None:  # ∅ through the text encoder being trained, as the pipeline computes it
             self.empty_embed = encode_prompts(self.models.tokenizer, trained_text_encoder, [""], self.device)
         mean, logvar = self._posterior(batch)
-        latents = sample_posterior(mean, logvar, rng.randn(*mean.shape[1:]))  # z₀ ~ q(z | x)
+        if self.cfg.latent_sample == "mean":
+            latents = mean  # z₀ = μ, what a decoder trained on the posterior mean reads
+        else:
+            self._warn_if_posterior_is_wide(mean, logvar)
+            latents = sample_posterior(mean, logvar, rng.randn(*mean.shape[1:]))  # z₀ ~ q(z | x)
         prompt_embeds = self._prompt_embeds(batch, trained_text_encoder)
         drop = rng.rand() < self.cfg.cond_dropout_prob  # (B,): classifier-free dropout, per sample
         prompt_embeds = torch.where(
