@@ -33,6 +33,7 @@ import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
 from latentdiff.models.unet import ConditionalUNet
 from latentdiff.schedulers import DDIMScheduler
+from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-class LatentPipeline:
+class LatentPipeline(LoraMixin):
     """Text-to-image generation with classifier-free guidance over a VAE latent space.
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,

@@ -25,8 +25,8 @@ from pipelines.latent_pipeline import LatentPipeline
 from pipelines.lora_mixin import LoraMixin
 
 REPO = Path(__file__).resolve().parents[1]
-# The pipeline with the LoRA methods (the lead makes LatentPipeline inherit LoraMixin; until then, a subclass).
-Pipe = LatentPipeline if issubclass(LatentPipeline, LoraMixin) else type("Pipe", (LoraMixin, LatentPipeline), {})
+assert issubclass(LatentPipeline, LoraMixin)  # the pipeline carries the LoRA methods
+Pipe = LatentPipeline
 
 TINY_UNET = UNetConfig(
     sample_size=8, block_out_channels=(32, 64), attention_levels=(True, False), layers_per_block=1,
