@@ -22,11 +22,8 @@ from torch import nn
 from latentdiff import lora
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
 from pipelines.latent_pipeline import LatentPipeline
-from pipelines.lora_mixin import LoraMixin
 
 REPO = Path(__file__).resolve().parents[1]
-assert issubclass(LatentPipeline, LoraMixin)  # the pipeline carries the LoRA methods
-Pipe = LatentPipeline
 
 TINY_UNET = UNetConfig(
     sample_size=8, block_out_channels=(32, 64), attention_levels=(True, False), layers_per_block=1,
@@ -78,28 +75,28 @@ def as_if_trained(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_sd_dir) -> Pipe:
-    pipe = Pipe.from_pretrained(tiny_sd_dir)
+def loaded(tiny_sd_dir) -> LatentPipeline:
+    pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture
-def pipe(loaded) -> Pipe:
+def pipe(loaded) -> LatentPipeline:
     """A fresh pipeline (copies of the trainable parts) for each test: the tests change the models."""
-    fresh = Pipe(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
+    fresh = LatentPipeline(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
                  loaded.tokenizer)
     fresh.set_progress_bar_config(disable=True)
     return fresh
 
 
-def latents(pipe: Pipe, seed: int = 0) -> torch.Tensor:
+def latents(pipe: LatentPipeline, seed: int = 0) -> torch.Tensor:
     """The final latents of a 3-step, guided generation of two prompts: the whole pipeline in one tensor."""
     return pipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, generator=seeded(seed),
                 output_type="latent").images
 
 
-def write_adapter(folder: Path, pipe: Pipe, seed: int, spec: lora.LoraSpec | None = None,
+def write_adapter(folder: Path, pipe: LatentPipeline, seed: int, spec: lora.LoraSpec | None = None,
                   text_encoder: bool = False) -> Path:
     """An adapter for `pipe`'s models as training would leave it, written with `save_lora`; returns the folder."""
     unet = copy.deepcopy(pipe.unet)
@@ -114,7 +111,7 @@ def write_adapter(folder: Path, pipe: Pipe, seed: int, spec: lora.LoraSpec | Non
     return folder
 
 
-def base_state(pipe: Pipe) -> dict[str, torch.Tensor]:
+def base_state(pipe: LatentPipeline) -> dict[str, torch.Tensor]:
     """The UNet's and text encoder's weights, keyed as the plain modules name them."""
     state = {f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()}
     state.update({f"text_encoder.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
@@ -416,7 +413,7 @@ def test_older_peft_and_kohya_formats_load_as_the_same_adapter(loaded, diffusers
             path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
             save_file(state, str(path))
             state = path
-        fresh = Pipe(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
+        fresh = LatentPipeline(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
                      loaded.tokenizer)
         fresh.set_progress_bar_config(disable=True)
         fresh.load_lora_weights(state)
@@ -596,7 +593,7 @@ def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run
     ema = load_file(str(whole / "checkpoint-6" / "ema.safetensors"))
     ema_to_q = next(v for k, v in ema.items() if k.endswith("attn1.to_q.lora_A.default.weight") and "down_blocks" in k)
     assert torch.equal(a["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"], ema_to_q)
-    pipe = Pipe.from_pretrained(tiny_sd_dir)
+    pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
     pipe.set_progress_bar_config(disable=True)
     base = latents(pipe)
     pipe.load_lora_weights(whole)
