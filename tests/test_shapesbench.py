@@ -256,3 +256,16 @@ def test_vae_ceiling_measures_the_vae():
         layers_per_block=1,
     ).eval()
     assert vae_ceiling(untrained, num_scenes=12, size=32)["full_match"] < 0.5
+
+
+def test_star_vae_ceiling_scores_star_scenes():
+    """star_only scores reconstructions of single-star scenes: perfect through an identity VAE, and a VAE that
+    blurs (an 8x8 average pool and nearest up-sampling) loses the star's points."""
+    assert vae_ceiling(IdentityVAE(), num_scenes=12, size=64, star_only=True)["full_match"] == 1.0
+
+    class BlurVAE(IdentityVAE):
+        def decode(self, latents):
+            pooled = torch.nn.functional.avg_pool2d(latents, 8)
+            return SimpleNamespace(sample=torch.nn.functional.interpolate(pooled, scale_factor=8))
+
+    assert vae_ceiling(BlurVAE(), num_scenes=12, size=64, star_only=True)["shape"] < 0.5

@@ -61,6 +61,7 @@ GROUPS: tuple[str, ...] = ("single", "two", "held_out")  # the default run
 STAR_GROUP = "star"
 ALL_GROUPS: tuple[str, ...] = (*GROUPS, STAR_GROUP)
 PROMPTS_PER_GROUP = 48
+STAR_SEED_OFFSET = 1  # star scenes of the star VAE ceiling: their own stream of DETECTOR_SEED
 METRICS: tuple[str, ...] = ("color", "shape", "size", "position", "background", "full_match")
 _OBJECT_ATTRIBUTES = ("color", "shape", "size", "position")
 
@@ -271,15 +272,26 @@ def vae_ceiling(
     seed: int = DETECTOR_SEED,
     batch_size: int = 16,
     progress: bool = False,
+    star_only: bool = False,
 ) -> dict[str, float | int | None]:
     """The detector scored on the detector_accuracy scenes after an encode and decode by `vae` (a
     diffusers.AutoencoderKL; latents are the posterior mean): the most a generator through this VAE can reach.
-    Runs on the VAE's device and dtype. size: the image side, divisible by the VAE's down-sampling factor."""
+    Runs on the VAE's device and dtype. size: the image side, divisible by the VAE's down-sampling factor.
+    star_only: score single-star scenes instead (the most a star LoRA on this VAE can reach)."""
     import torch
 
     from latentdiff.conditioning import decode_latents, encode_images
 
-    samples = _render_scenes(num_scenes, size, seed, include_star=False)
+    if star_only:
+        samples = [
+            (render_scene(scene, size), format_caption(describe_scene(scene)))
+            for scene in (
+                sample_scene(np.random.default_rng([seed, STAR_SEED_OFFSET, i]), num_objects=1, star_only=True)
+                for i in range(num_scenes)
+            )
+        ]
+    else:
+        samples = _render_scenes(num_scenes, size, seed, include_star=False)
     decoded: list[Image.Image] = []
     batches = range(0, len(samples), batch_size)
     with torch.inference_mode():
@@ -320,7 +332,8 @@ def run_bench(
     added. grid_path: where to save a grid PNG of the first grid_count prompts of each group, interleaved.
 
     Returns {"single": {...}, "two": {...}, "held_out": {...}, "detector": {...}, "vae_ceiling": {...},
-    "settings": {...}}, each score dict holding METRICS and num_prompts.
+    "settings": {...}}, each score dict holding METRICS and num_prompts; with star prompts and a vae, also
+    "vae_ceiling_star" (the VAE ceiling on single-star scenes).
     """
     prompts = list(prompts) if prompts is not None else bench_prompts()
     images: list[Image.Image] = []
@@ -339,6 +352,10 @@ def run_bench(
         if vae is not None
         else {"full_match": None}
     )
+    if vae is not None and any(p.group == STAR_GROUP for p in prompts):
+        result["vae_ceiling_star"] = vae_ceiling(
+            vae, detector_scenes, image_size, progress=progress, star_only=True
+        )
     result["settings"] = {
         **(settings or {}),
         "prompt_seed": BENCH_SEED,
