@@ -59,6 +59,7 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
         star_only=args.include_star_only,
         overwrite=args.overwrite,
         star_fraction=args.star_fraction,
+        polygon_fraction=args.polygon_fraction,
     )
     print(f"wrote {args.num_images} images and metadata.jsonl to {out}")
     return 0
@@ -154,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="with --include-star-only: the share of star scenes, the rest base scenes (default 1.0: stars only)",
+    )
+    data.add_argument(
+        "--polygon-fraction",
+        type=float,
+        default=0.0,
+        help="the share of random-polygon scenes (captioned 'random polygons'): autoencoder training data only",
     )
     data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     data.set_defaults(func=_cmd_make_dataset)

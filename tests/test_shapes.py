@@ -24,6 +24,7 @@ from latentdiff.data.shapes import (
     caption_scene,
     describe_scene,
     format_caption,
+    POLYGON_CAPTION,
     iter_shapes_samples,
     parse_caption,
     render_scene,
@@ -70,6 +71,26 @@ def test_training_data_never_shows_held_out_pairs_or_star():
     rng = np.random.default_rng(0)
     pairs = {(o.color, o.shape) for _ in range(500) for o in sample_scene(rng, allow_held_out=True).objects}
     assert HELD_OUT_PAIRS <= pairs
+
+
+def test_polygon_scenes_mix_into_autoencoder_data_only_where_asked():
+    """polygon_fraction swaps that share of samples for random-polygon scenes (VAE data): captioned
+    POLYGON_CAPTION, no scene, palette colours only; the other samples are the same base scenes as without it."""
+    plain = list(iter_shapes_samples(300, size=32, seed=5))
+    mixed = list(iter_shapes_samples(300, size=32, seed=5, polygon_fraction=0.5))
+    polygons = [(image, caption, scene) for image, caption, scene in mixed if scene is None]
+    assert 100 < len(polygons) < 200 and {caption for _, caption, _ in polygons} == {POLYGON_CAPTION}
+    for (image, caption, scene), (base_image, base_caption, _) in zip(mixed, plain):
+        if scene is not None:
+            assert caption == base_caption and image.tobytes() == base_image.tobytes()
+    drawn = 0
+    for image, _, _ in iter_shapes_samples(20, size=64, seed=5, polygon_fraction=1.0):
+        counts = Counter(map(tuple, np.asarray(image).reshape(-1, 3).tolist()))
+        assert counts.most_common(1)[0][0] in BACKGROUND_COLORS.values()
+        drawn += any(colour in counts for colour in OBJECT_COLORS.values())  # a polygon's flat fill
+    assert drawn >= 18  # (a thin sliver may cover no whole pixel)
+    with pytest.raises(ValueError, match="polygon_fraction=2 must be in"):
+        next(iter_shapes_samples(1, polygon_fraction=2))
 
 
 def test_captions_parse_back_to_the_rendered_attributes():

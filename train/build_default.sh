@@ -14,9 +14,12 @@ log=outputs/default
 mkdir -p "$log"
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
-stamp "1/5 dataset: 20,000 shapes scenes at 64 px"
+stamp "1/5 datasets: 20,000 shapes scenes at 64 px; for the VAE, 20,000 more, half of them random polygons"
 if [ ! -f data/shapes64/metadata.jsonl ]; then
   latentdiff make-dataset shapes data/shapes64 --num-images 20000 --size 64 --seed 1
+fi
+if [ ! -f data/vae64/metadata.jsonl ]; then
+  latentdiff make-dataset shapes data/vae64 --num-images 20000 --size 64 --seed 2 --polygon-fraction 0.5
 fi
 
 stamp "2/5 VAE and 3/5 CLIP, side by side (logs: $log/vae.log, $log/clip.log)"

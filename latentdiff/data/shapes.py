@@ -276,6 +276,34 @@ def render_scene(scene: Scene, size: int = 64) -> Image.Image:
     return image.reduce(_SUPERSAMPLE)  # box filter: each pixel is the mean of a 4×4 block
 
 
+POLYGON_CAPTION = "random polygons"  # the caption of every polygon scene (they are VAE data only: no grammar)
+
+
+def render_polygon_scene(rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A scene for autoencoder training only: one to three irregular polygons (3 to 12 vertices at random angles
+    and radii, so with sharp points and notches) of palette colours, anywhere and possibly overlapping, on a
+    palette background, anti-aliased like render_scene. They teach a VAE detail that the captioned shapes do not
+    have (a VAE trained on circles, squares and triangles alone rounds off shapes it never saw, the LoRA
+    demonstration's star among them); they never enter a text-to-image training set."""
+    if not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"size={size!r} must be an int ≥ {MIN_SIZE}")
+    background = list(BACKGROUND_COLORS)[rng.integers(len(BACKGROUND_COLORS))]
+    image = Image.new("RGB", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), BACKGROUND_COLORS[background])
+    draw = ImageDraw.Draw(image)
+    colors = list(OBJECT_COLORS.values())
+    for _ in range(rng.integers(1, 4)):
+        radius = rng.uniform(0.06, 0.2) * size  # outer radius R, in pixels: a box of about 0.12 S to 0.4 S
+        cx, cy = rng.uniform(radius, size - radius, 2)
+        count = int(rng.integers(3, 13))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, count))
+        radii = radius * rng.uniform(0.3, 1.0, count)
+        points = [
+            ((cx + r * np.cos(a)) * _SUPERSAMPLE, (cy + r * np.sin(a)) * _SUPERSAMPLE) for a, r in zip(angles, radii)
+        ]
+        draw.polygon(points, fill=colors[rng.integers(len(colors))])
+    return image.reduce(_SUPERSAMPLE)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Captions
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,19 +459,26 @@ def iter_shapes_samples(
     star_only: bool = False,
     drop_prob: float = 0.2,
     star_fraction: float = 1.0,
-) -> Iterator[tuple[Image.Image, str, Scene]]:
+    polygon_fraction: float = 0.0,
+) -> Iterator[tuple[Image.Image, str, Scene | None]]:
     """Yields (image, caption, scene) training samples: never a held-out pair, never a star unless star_only.
 
     With star_only, each sample is a star-only scene with probability star_fraction and a base scene otherwise (a
-    LoRA that also sees base scenes forgets less of them). Sample i draws from its own generator seeded by
-    (seed, i), so it is the same whatever num_images is.
+    LoRA that also sees base scenes forgets less of them). With polygon_fraction > 0, each sample is instead a
+    polygon scene (render_polygon_scene; caption POLYGON_CAPTION, scene None) with that probability: autoencoder
+    data only. Sample i draws from its own generator seeded by (seed, i), so it is the same whatever num_images is.
     """
     if num_images < 0:
         raise ValueError(f"num_images={num_images!r} must be ≥ 0")
     if not 0.0 <= star_fraction <= 1.0:
         raise ValueError(f"star_fraction={star_fraction!r} must be in [0, 1], e.g. 0.5 for half star scenes")
+    if not 0.0 <= polygon_fraction <= 1.0:
+        raise ValueError(f"polygon_fraction={polygon_fraction!r} must be in [0, 1], e.g. 0.5 for VAE data")
     for index in range(num_images):
         rng = np.random.default_rng([seed, index])
+        if polygon_fraction > 0 and np.random.default_rng([seed, index, 2]).random() < polygon_fraction:
+            yield render_polygon_scene(rng, size), POLYGON_CAPTION, None
+            continue
         star = star_only and (star_fraction >= 1.0 or np.random.default_rng([seed, index, 1]).random() < star_fraction)
         scene = sample_scene(rng, star_only=star)
         yield render_scene(scene, size), caption_scene(scene, rng, drop_prob), scene
@@ -458,10 +493,11 @@ def write_shapes_dataset(
     overwrite: bool = False,
     progress: bool = True,
     star_fraction: float = 1.0,
+    polygon_fraction: float = 0.0,
 ) -> Path:
     """Writes a shapes dataset as an imagefolder: `images/NNNNNN.png` and `metadata.jsonl` with the columns
-    `file_name` and `text`, readable by `datasets.load_dataset("imagefolder", data_dir=out_dir)`. star_only and
-    star_fraction: as `iter_shapes_samples`.
+    `file_name` and `text`, readable by `datasets.load_dataset("imagefolder", data_dir=out_dir)`. star_only,
+    star_fraction and polygon_fraction (autoencoder data): as `iter_shapes_samples`.
 
     A non-empty out_dir is refused unless overwrite is set; overwrite replaces only what this function writes
     (`images/` and `metadata.jsonl`). Returns the folder.
@@ -482,7 +518,9 @@ def write_shapes_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     digits = max(6, len(str(max(num_images - 1, 0))))
     rows = []
-    samples = iter_shapes_samples(num_images, size, seed, star_only, star_fraction=star_fraction)
+    samples = iter_shapes_samples(
+        num_images, size, seed, star_only, star_fraction=star_fraction, polygon_fraction=polygon_fraction
+    )
     for index, (image, caption, _) in enumerate(
         tqdm(samples, total=num_images, desc="shapes dataset", unit="img", disable=not progress)
     ):
