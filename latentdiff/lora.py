@@ -58,13 +58,21 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 LORA_CONFIG_NAME = "lora_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's `PeftModel.save_pretrained` file name (UNet only here)
+PEFT_WEIGHTS_NAME = (
+    "adapter_model.safetensors"  # peft's `PeftModel.save_pretrained` file name (UNet only here)
+)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key for the LoRA configs
 COMPONENTS = ("unet", "text_encoder")  # the parts of a pipeline an adapter file may hold, by key prefix
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # W_Q, W_K, W_V, W_O of self- and cross-attention
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")  # the GEGLU input projection and the output Linear
-CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # ResBlocks, samplers
+CONV_TARGETS = (
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)  # ResBlocks, samplers
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP text encoder attention
 TARGET_GROUPS = {
     "attention": ATTENTION_TARGETS,
@@ -84,12 +92,16 @@ def expand_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     expanded: list[str] = []
     for name in names:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"target_modules has {name!r}; each target must be a module name such as 'to_q'.")
+            raise ValueError(
+                f"target_modules has {name!r}; each target must be a module name such as 'to_q'."
+            )
         for target in TARGET_GROUPS.get(name, (name,)):
             if target not in expanded:
                 expanded.append(target)
     if not expanded:
-        raise ValueError(f"target_modules={targets!r} is empty; give at least one, e.g. {list(ATTENTION_TARGETS)}.")
+        raise ValueError(
+            f"target_modules={targets!r} is empty; give at least one, e.g. {list(ATTENTION_TARGETS)}."
+        )
     return tuple(expanded)
 
 
@@ -117,7 +129,11 @@ class LoraSpec:
             isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0
         ):
             raise ValueError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = rank).")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0 <= self.dropout < 1
+        ):
             raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1) (0: no dropout).")
         object.__setattr__(self, "target_modules", expand_targets(self.target_modules))
 
@@ -148,7 +164,11 @@ def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             layers[name] = module.get_base_layer()
-        elif isinstance(module, nn.Linear | nn.Conv2d) and ".lora_" not in name and not name.endswith("base_layer"):
+        elif (
+            isinstance(module, nn.Linear | nn.Conv2d)
+            and ".lora_" not in name
+            and not name.endswith("base_layer")
+        ):
             layers[name] = module
     return layers
 
@@ -164,7 +184,9 @@ def _short_name(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
-def check_targets(model: nn.Module, targets: str | Iterable[str], model_name: str = "UNet") -> dict[str, list[str]]:
+def check_targets(
+    model: nn.Module, targets: str | Iterable[str], model_name: str = "UNet"
+) -> dict[str, list[str]]:
     """The layers each target wraps; a ValueError naming a target that wraps none, with the names that would.
 
     Args:
@@ -308,7 +330,8 @@ def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dic
     """The parameters of one adapter (or of all adapters) by their name in `model`."""
     names = adapter_names(model) if adapter_name is None else [adapter_name]
     return {
-        name: p for name, p in model.named_parameters()
+        name: p
+        for name, p in model.named_parameters()
         if any(f".lora_A.{a}." in name or f".lora_B.{a}." in name for a in names)
     }
 
@@ -378,7 +401,8 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> dict[str,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
-        "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
+        "target_modules": sorted(config.target_modules)
+        if not isinstance(config.target_modules, str)
         else config.target_modules,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
@@ -419,9 +443,13 @@ def save_lora(
     """
     from safetensors.torch import save_file
 
-    parts = {name: model for name, model in (("unet", unet), ("text_encoder", text_encoder)) if model is not None}
+    parts = {
+        name: model for name, model in (("unet", unet), ("text_encoder", text_encoder)) if model is not None
+    }
     if not parts:
-        raise ValueError("save_lora got neither unet nor text_encoder: pass the model(s) holding the adapter.")
+        raise ValueError(
+            "save_lora got neither unet nor text_encoder: pass the model(s) holding the adapter."
+        )
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, dict[str, Any]] = {}
     for component, model in parts.items():
@@ -429,12 +457,16 @@ def save_lora(
             module, _, suffix = key.rpartition(".lora_")
             tensors[f"{component}.{_file_module_name(component, module, model)}.lora_{suffix}"] = tensor
         configs[component] = adapter_config(model, adapter_name)
-    packed = {f"{component}.{key}": value for component, config in configs.items() for key, value in config.items()}
+    packed = {
+        f"{component}.{key}": value for component, config in configs.items() for key, value in config.items()
+    }
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHTS_NAME
     partial = directory / (LORA_WEIGHTS_NAME + ".partial")
-    save_file(tensors, str(partial), metadata={"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})
+    save_file(
+        tensors, str(partial), metadata={"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
+    )
     os.replace(partial, path)  # never a half-written adapter under the real name
     (directory / LORA_CONFIG_NAME).write_text(
         json.dumps({"weights": LORA_WEIGHTS_NAME, "format": "diffusers", **configs}, indent=2) + "\n"
@@ -477,10 +509,17 @@ class LoraWeights:
 
 # key patterns, tried in order: (regex, role of the tensor); `module` is the adapted layer's name
 _KEY_FORMATS = (
-    (re.compile(r"(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight"), "peft"),  # also .lora_A.<adapter>.weight
+    (
+        re.compile(r"(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight"),
+        "peft",
+    ),  # also .lora_A.<adapter>.weight
     (re.compile(r"(?P<module>.+)\.lora\.(?P<role>down|up)\.weight"), "diffusers_old"),
-    (re.compile(r"(?P<module>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight"),
-     "attn_processor"),
+    (
+        re.compile(
+            r"(?P<module>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight"
+        ),
+        "attn_processor",
+    ),
     (re.compile(r"(?P<module>.+)\.lora_(?P<role>down|up)\.weight"), "kohya"),
     (re.compile(r"(?P<module>.+)\.alpha"), "alpha"),
 )
@@ -515,8 +554,11 @@ def find_lora_file(path: str | os.PathLike) -> Path:
         return candidates[0]
     raise FileNotFoundError(
         f"no LoRA weights in the folder {str(path)!r}: expected {LORA_WEIGHTS_NAME}"
-        + (f"; it holds several .safetensors files ({[c.name for c in candidates]}), pass one of them" if candidates
-           else "; it holds no .safetensors file")
+        + (
+            f"; it holds several .safetensors files ({[c.name for c in candidates]}), pass one of them"
+            if candidates
+            else "; it holds no .safetensors file"
+        )
     )
 
 
@@ -524,12 +566,14 @@ def _split_component(key: str) -> tuple[str, str, bool]:
     """(component, rest of the key, names are flat) of a file key."""
     for prefix, component in _KOHYA_PREFIXES.items():
         if key.startswith(prefix):
-            return component, key[len(prefix):], True
+            return component, key[len(prefix) :], True
     if key.startswith(("text_encoder_2.", "lora_te2_")):
-        raise ValueError(f"{key!r} belongs to a second text encoder (an SDXL LoRA); only SD 1.x/2.x adapters load.")
+        raise ValueError(
+            f"{key!r} belongs to a second text encoder (an SDXL LoRA); only SD 1.x/2.x adapters load."
+        )
     for component in COMPONENTS:
         if key.startswith(component + "."):
-            return component, key[len(component) + 1:], False
+            return component, key[len(component) + 1 :], False
     return "unet", key.removeprefix("base_model.model."), False  # peft's adapter_model.safetensors of a UNet
 
 
@@ -608,7 +652,9 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, LoraWeights]:
     for component, part in parts.items():
         unpaired = sorted(set(part.lora_A) ^ set(part.lora_B))
         if unpaired:
-            raise ValueError(f"{file}: the {component} layer {unpaired[0]!r} has only one of its two LoRA matrices.")
+            raise ValueError(
+                f"{file}: the {component} layer {unpaired[0]!r} has only one of its two LoRA matrices."
+            )
         part.alpha = {m: a for m, a in part.alpha.items() if m in part.lora_A}
     return parts
 
@@ -631,12 +677,19 @@ def _resolve_names(weights: LoraWeights, model: nn.Module, model_name: str) -> d
     return {module: resolve(module) for module in weights.lora_A}
 
 
-def _fit(layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit(
+    layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B reshaped for `layer` (a 1×1 conv and a Linear share their 2-D weights), or a ValueError naming the
     layer and both shapes."""
     if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and down.ndim == 2 and up.ndim == 2:
         down, up = down[:, :, None, None], up[:, :, None, None]
-    elif isinstance(layer, nn.Linear) and down.ndim == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
+    elif (
+        isinstance(layer, nn.Linear)
+        and down.ndim == 4
+        and down.shape[2:] == (1, 1)
+        and up.shape[2:] == (1, 1)
+    ):
         down, up = down[:, :, 0, 0], up[:, :, 0, 0]
     rank = down.shape[0]
     if isinstance(layer, nn.Linear):
@@ -694,8 +747,10 @@ def load_lora(model: nn.Module, weights: LoraWeights, adapter_name: str, model_n
     with torch.no_grad():
         for name in ranks:
             layer = wrapped[name]
-            for module, tensor in ((layer.lora_A[adapter_name], weights.lora_A[name]),
-                                   (layer.lora_B[adapter_name], weights.lora_B[name])):
+            for module, tensor in (
+                (layer.lora_A[adapter_name], weights.lora_A[name]),
+                (layer.lora_B[adapter_name], weights.lora_B[name]),
+            ):
                 module.float()
                 module.weight.copy_(tensor.to(torch.float32))
                 module.weight.requires_grad_(False)

@@ -26,8 +26,13 @@ from pipelines.latent_pipeline import LatentPipeline
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_UNET = UNetConfig(
-    sample_size=8, block_out_channels=(32, 64), attention_levels=(True, False), layers_per_block=1,
-    num_attention_heads=4, cross_attention_dim=32, norm_num_groups=8,
+    sample_size=8,
+    block_out_channels=(32, 64),
+    attention_levels=(True, False),
+    layers_per_block=1,
+    num_attention_heads=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
 )  # the UNet of conftest.py's folder
 ALL_UNET_GROUPS = ("attention", "feed_forward", "convolutions")
 PROMPTS = ["a red circle in the top left", "a small blue star"]
@@ -52,7 +57,9 @@ def make_unet(config: UNetConfig = TINY_UNET, seed: int = 0) -> ConditionalUNet:
         return ConditionalUNet(config).eval()
 
 
-def unet_inputs(config: UNetConfig = TINY_UNET, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unet_inputs(
+    config: UNetConfig = TINY_UNET, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = seeded(seed)
     sample = torch.randn(2, config.in_channels, 8, 8, generator=g)
     context = torch.randn(2, 5, config.cross_attention_dim, generator=g)
@@ -84,20 +91,31 @@ def loaded(tiny_sd_dir) -> LatentPipeline:
 @pytest.fixture
 def pipe(loaded) -> LatentPipeline:
     """A fresh pipeline (copies of the trainable parts) for each test: the tests change the models."""
-    fresh = LatentPipeline(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
-                 loaded.tokenizer)
+    fresh = LatentPipeline(
+        copy.deepcopy(loaded.unet),
+        loaded.scheduler,
+        loaded.vae,
+        copy.deepcopy(loaded.text_encoder),
+        loaded.tokenizer,
+    )
     fresh.set_progress_bar_config(disable=True)
     return fresh
 
 
 def latents(pipe: LatentPipeline, seed: int = 0) -> torch.Tensor:
     """The final latents of a 3-step, guided generation of two prompts: the whole pipeline in one tensor."""
-    return pipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, generator=seeded(seed),
-                output_type="latent").images
+    return pipe(
+        PROMPTS, num_inference_steps=3, guidance_scale=5.0, generator=seeded(seed), output_type="latent"
+    ).images
 
 
-def write_adapter(folder: Path, pipe: LatentPipeline, seed: int, spec: lora.LoraSpec | None = None,
-                  text_encoder: bool = False) -> Path:
+def write_adapter(
+    folder: Path,
+    pipe: LatentPipeline,
+    seed: int,
+    spec: lora.LoraSpec | None = None,
+    text_encoder: bool = False,
+) -> Path:
     """An adapter for `pipe`'s models as training would leave it, written with `save_lora`; returns the folder."""
     unet = copy.deepcopy(pipe.unet)
     lora.add_lora(unet, spec or lora.LoraSpec(rank=4, alpha=2.0), generator=seeded(seed))
@@ -105,7 +123,9 @@ def write_adapter(folder: Path, pipe: LatentPipeline, seed: int, spec: lora.Lora
     encoder = None
     if text_encoder:
         encoder = copy.deepcopy(pipe.text_encoder)
-        lora.add_lora(encoder, lora.LoraSpec(rank=2, target_modules=lora.TEXT_ENCODER_TARGETS), generator=seeded(seed))
+        lora.add_lora(
+            encoder, lora.LoraSpec(rank=2, target_modules=lora.TEXT_ENCODER_TARGETS), generator=seeded(seed)
+        )
         as_if_trained(encoder, seed + 100, std=0.2)
     lora.save_lora(folder, unet=unet, text_encoder=encoder)
     return folder
@@ -185,7 +205,9 @@ def test_fp16_base_with_fp32_adapters_unscales_under_grad_scaler():
 
     from peft import LoraConfig, inject_adapter_in_model
 
-    control = inject_adapter_in_model(LoraConfig(r=4, target_modules=list(lora.ATTENTION_TARGETS)), make_unet().half())
+    control = inject_adapter_in_model(
+        LoraConfig(r=4, target_modules=list(lora.ATTENTION_TARGETS)), make_unet().half()
+    )
     control_parameters = [p for p in control.parameters() if p.requires_grad]
     assert {p.dtype for p in control_parameters} == {torch.float16}
     control_scaler = torch.amp.GradScaler("cpu")
@@ -199,7 +221,9 @@ def test_fp16_base_with_fp32_adapters_unscales_under_grad_scaler():
 
 def test_save_then_load_gives_the_trained_models_outputs(pipe, tmp_path):
     source = copy.deepcopy(pipe)
-    lora.add_lora(source.unet, lora.LoraSpec(rank=4, alpha=2.0, target_modules=ALL_UNET_GROUPS), generator=seeded(0))
+    lora.add_lora(
+        source.unet, lora.LoraSpec(rank=4, alpha=2.0, target_modules=ALL_UNET_GROUPS), generator=seeded(0)
+    )
     lora.add_lora(source.text_encoder, lora.LoraSpec(rank=2, target_modules=lora.TEXT_ENCODER_TARGETS))
     as_if_trained(source.unet, 1)
     as_if_trained(source.text_encoder, 2, std=0.2)
@@ -208,8 +232,11 @@ def test_save_then_load_gives_the_trained_models_outputs(pipe, tmp_path):
 
     assert path.name == "pytorch_lora_weights.safetensors"
     tensors = load_file(str(path))
-    assert all(k.startswith(("unet.", "text_encoder.text_model.")) and k.endswith((".lora_A.weight", ".lora_B.weight"))
-               for k in tensors)
+    assert all(
+        k.startswith(("unet.", "text_encoder.text_model."))
+        and k.endswith((".lora_A.weight", ".lora_B.weight"))
+        for k in tensors
+    )
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert (metadata["unet.r"], metadata["unet.lora_alpha"], metadata["text_encoder.r"]) == (4, 2.0, 2)
@@ -229,7 +256,9 @@ def test_fuse_then_unfuse_restores_the_base_weights(pipe, tmp_path):
     pipe.load_lora_weights(write_adapter(tmp_path / "a", pipe, 0, text_encoder=True), scale=0.7)
     with_adapter = latents(pipe)
     pipe.fuse_lora()
-    torch.testing.assert_close(latents(pipe), with_adapter, rtol=1e-4, atol=1e-4)  # the same model, merged (rounding differs)
+    torch.testing.assert_close(
+        latents(pipe), with_adapter, rtol=1e-4, atol=1e-4
+    )  # the same model, merged (rounding differs)
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     fused = pipe.unet.get_submodule(to_q).get_base_layer().weight
     assert (fused - before[f"unet.{to_q}.weight"]).abs().max() > 1e-4  # the update went into W₀
@@ -243,7 +272,9 @@ def test_fuse_then_unfuse_restores_the_base_weights(pipe, tmp_path):
 
 def test_two_weighted_adapters_add_their_weighted_updates(pipe, tmp_path):
     a = pipe.load_lora_weights(write_adapter(tmp_path / "a", pipe, 0), adapter_name="a")
-    b = pipe.load_lora_weights(write_adapter(tmp_path / "b", pipe, 1, lora.LoraSpec(rank=2)), adapter_name="b")
+    b = pipe.load_lora_weights(
+        write_adapter(tmp_path / "b", pipe, 1, lora.LoraSpec(rank=2)), adapter_name="b"
+    )
     assert pipe.get_active_adapters() == ["a", "b"]  # loading adds to what is applied
     layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v")
     x = torch.randn(3, 32, generator=seeded(2))
@@ -295,8 +326,11 @@ def test_disable_then_enable(pipe, tmp_path):
 def test_unload_restores_the_base_model_exactly(pipe, tmp_path):
     before_state, base = base_state(pipe), latents(pipe)
     before_types = {n: type(m) for n, m in pipe.unet.named_modules()}
-    pipe.load_lora_weights(write_adapter(tmp_path / "a", pipe, 0, lora.LoraSpec(target_modules=ALL_UNET_GROUPS),
-                                         text_encoder=True))
+    pipe.load_lora_weights(
+        write_adapter(
+            tmp_path / "a", pipe, 0, lora.LoraSpec(target_modules=ALL_UNET_GROUPS), text_encoder=True
+        )
+    )
     pipe.load_lora_weights(write_adapter(tmp_path / "b", pipe, 1), scale=0.5)
     assert not torch.equal(latents(pipe), base)
     pipe.unload_lora_weights()
@@ -319,7 +353,9 @@ def diffusers_pipeline(tiny_sd_dir):
 
     def build():
         scheduler = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
-        reference = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, scheduler=scheduler, safety_checker=None)
+        reference = StableDiffusionPipeline.from_pretrained(
+            tiny_sd_dir, scheduler=scheduler, safety_checker=None
+        )
         reference.set_progress_bar_config(disable=True)
         return reference
 
@@ -335,25 +371,35 @@ def diffusers_lora(diffusers_pipeline, tmp_path_factory) -> dict[str, Path]:
     from peft.utils import get_peft_model_state_dict
 
     source = diffusers_pipeline()
-    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=[*lora.ATTENTION_TARGETS, "ff.net.2"]))
-    source.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(lora.TEXT_ENCODER_TARGETS)))
+    source.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=[*lora.ATTENTION_TARGETS, "ff.net.2"])
+    )
+    source.text_encoder.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, target_modules=list(lora.TEXT_ENCODER_TARGETS))
+    )
     as_if_trained(source.unet, 10, std=0.1)
     as_if_trained(source.text_encoder, 11, std=0.2)
-    layers = {"unet_lora_layers": get_peft_model_state_dict(source.unet),
-              "text_encoder_lora_layers": get_peft_model_state_dict(source.text_encoder)}
+    layers = {
+        "unet_lora_layers": get_peft_model_state_dict(source.unet),
+        "text_encoder_lora_layers": get_peft_model_state_dict(source.text_encoder),
+    }
     root = tmp_path_factory.mktemp("diffusers-lora")
     StableDiffusionPipeline.save_lora_weights(
-        root / "with-metadata", **layers,
+        root / "with-metadata",
+        **layers,
         unet_lora_adapter_metadata=source.unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=source.text_encoder.peft_config["default"].to_dict(),
     )
-    StableDiffusionPipeline.save_lora_weights(root / "no-metadata", **layers)  # alpha = rank then, diffusers says
+    StableDiffusionPipeline.save_lora_weights(
+        root / "no-metadata", **layers
+    )  # alpha = rank then, diffusers says
     return {"with-metadata": root / "with-metadata", "no-metadata": root / "no-metadata"}
 
 
 def images(pipeline, seed: int = 0) -> np.ndarray:
-    return pipeline(PROMPTS, num_inference_steps=4, guidance_scale=6.0, generator=seeded(seed),
-                    output_type="np").images
+    return pipeline(
+        PROMPTS, num_inference_steps=4, guidance_scale=6.0, generator=seeded(seed), output_type="np"
+    ).images
 
 
 @pytest.mark.parametrize("variant", ["with-metadata", "no-metadata"])
@@ -371,8 +417,13 @@ def test_diffusers_lora_file_gives_diffusers_images(pipe, diffusers_pipeline, di
 
 
 def test_this_projects_adapter_loads_in_diffusers(pipe, diffusers_pipeline, tmp_path):
-    folder = write_adapter(tmp_path / "ours", pipe, 3, lora.LoraSpec(rank=4, alpha=8.0, target_modules=ALL_UNET_GROUPS),
-                           text_encoder=True)
+    folder = write_adapter(
+        tmp_path / "ours",
+        pipe,
+        3,
+        lora.LoraSpec(rank=4, alpha=8.0, target_modules=ALL_UNET_GROUPS),
+        text_encoder=True,
+    )
     reference = diffusers_pipeline()
     reference.load_lora_weights(folder)
     pipe.load_lora_weights(folder, scale=1.0)
@@ -413,8 +464,13 @@ def test_older_peft_and_kohya_formats_load_as_the_same_adapter(loaded, diffusers
             path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
             save_file(state, str(path))
             state = path
-        fresh = LatentPipeline(copy.deepcopy(loaded.unet), loaded.scheduler, loaded.vae, copy.deepcopy(loaded.text_encoder),
-                     loaded.tokenizer)
+        fresh = LatentPipeline(
+            copy.deepcopy(loaded.unet),
+            loaded.scheduler,
+            loaded.vae,
+            copy.deepcopy(loaded.text_encoder),
+            loaded.tokenizer,
+        )
         fresh.set_progress_bar_config(disable=True)
         fresh.load_lora_weights(state)
         return latents(fresh)
@@ -424,12 +480,17 @@ def test_older_peft_and_kohya_formats_load_as_the_same_adapter(loaded, diffusers
     assert (with_alpha - alpha_is_rank).abs().max() > 1e-3  # alpha matters
     close = dict(rtol=0, atol=1e-6)
     torch.testing.assert_close(latents_with(rewrite(tensors, "kohya"), "kohya"), with_alpha, **close)
-    torch.testing.assert_close(latents_with(rewrite(tensors, "lora.down"), "lora.down"), alpha_is_rank, **close)
+    torch.testing.assert_close(
+        latents_with(rewrite(tensors, "lora.down"), "lora.down"), alpha_is_rank, **close
+    )
     unet_only = latents_with({k: v for k, v in tensors.items() if k.startswith("unet.")}, "unet only")
     torch.testing.assert_close(latents_with(rewrite(tensors, "peft"), "peft"), unet_only, **close)
     attention = {k: v for k, v in tensors.items() if k.startswith("unet.") and "ff.net" not in k}
-    torch.testing.assert_close(latents_with(rewrite(tensors, "attention processor"), "attention processor"),
-                               latents_with(attention, "attention"), **close)
+    torch.testing.assert_close(
+        latents_with(rewrite(tensors, "attention processor"), "attention processor"),
+        latents_with(attention, "attention"),
+        **close,
+    )
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
@@ -456,7 +517,9 @@ def test_a_missing_or_unreadable_adapter_file_is_named(pipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="no LoRA adapter at '.*nowhere'"):
         pipe.load_lora_weights(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no LoRA weights in the folder .*pytorch_lora_weights.safetensors"):
+    with pytest.raises(
+        FileNotFoundError, match="no LoRA weights in the folder .*pytorch_lora_weights.safetensors"
+    ):
         pipe.load_lora_weights(tmp_path / "empty")
     (tmp_path / "model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="not a .safetensors file"):
@@ -468,7 +531,9 @@ def test_a_missing_or_unreadable_adapter_file_is_named(pipe, tmp_path):
 
 def test_unknown_targets_and_bad_ranks_are_refused():
     unet = make_unet()
-    with pytest.raises(ValueError, match="'to_qq' matches no nn.Linear or nn.Conv2d layer.*Did you mean 'to_q'"):
+    with pytest.raises(
+        ValueError, match="'to_qq' matches no nn.Linear or nn.Conv2d layer.*Did you mean 'to_q'"
+    ):
         lora.add_lora(unet, lora.LoraSpec(target_modules=["to_q", "to_qq"]))
     with pytest.raises(ValueError, match="'to_out' names ModuleList layers.*'to_out.0'"):
         lora.add_lora(unet, lora.LoraSpec(target_modules=["to_out"]))
@@ -522,9 +587,18 @@ def train_data(tmp_path_factory) -> Path:
 def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
     """Flags of a tiny run: 9 images (one corrupt), batch 2 -> 4 batches per epoch."""
     values = {
-        "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": out, "resolution": 32,
-        "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-2, "lr_warmup_steps": 0, "seed": 0,
-        "report_to": "none", "checkpointing_steps": 100, **flags,
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "output_dir": out,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": 4,
+        "learning_rate": 1e-2,
+        "lr_warmup_steps": 0,
+        "seed": 0,
+        "report_to": "none",
+        "checkpointing_steps": 100,
+        **flags,
     }
     args = []
     for name, value in values.items():
@@ -539,43 +613,83 @@ def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
 
 def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir, train_data, tmp_path):
     config, lora_task, train_lora = _train_modules()
-    cfg = config.parse_config(lora_args(tiny_sd_dir, train_data, tmp_path, rank=8, lora_alpha=16,
-                                        lora_targets=["attention", "ff.net.2"], train_text_encoder=True),
-                              lora_task.LoraTrainConfig)
+    cfg = config.parse_config(
+        lora_args(
+            tiny_sd_dir,
+            train_data,
+            tmp_path,
+            rank=8,
+            lora_alpha=16,
+            lora_targets=["attention", "ff.net.2"],
+            train_text_encoder=True,
+        ),
+        lora_task.LoraTrainConfig,
+    )
     assert isinstance(cfg, config.TrainConfig) and cfg.learning_rate == 1e-2  # a shared flag
     assert cfg.unet_lora_spec() == lora.LoraSpec(8, 16.0, 0.0, (*lora.ATTENTION_TARGETS, "ff.net.2"))
     assert cfg.text_encoder_lora_spec().target_modules == lora.TEXT_ENCODER_TARGETS
     with pytest.raises(config.ConfigError, match="rank=0 must be an int >= 1"):
         config.parse_config(lora_args(tiny_sd_dir, train_data, tmp_path, rank=0), lora_task.LoraTrainConfig)
-    cached = config.parse_config(lora_args(tiny_sd_dir, train_data, tmp_path, train_text_encoder=True,
-                                           cache_latents=True, center_crop=True), lora_task.LoraTrainConfig)
-    assert cached.train_text_encoder and cached.cache_latents  # the cache carries the captions for the text encoder
-    with pytest.raises(config.ConfigError, match="--lora_targets: target module 'to_qq'.*Did you mean 'to_q'"):
+    cached = config.parse_config(
+        lora_args(
+            tiny_sd_dir, train_data, tmp_path, train_text_encoder=True, cache_latents=True, center_crop=True
+        ),
+        lora_task.LoraTrainConfig,
+    )
+    assert (
+        cached.train_text_encoder and cached.cache_latents
+    )  # the cache carries the captions for the text encoder
+    with pytest.raises(
+        config.ConfigError, match="--lora_targets: target module 'to_qq'.*Did you mean 'to_q'"
+    ):
         train_lora.main(lora_args(tiny_sd_dir, train_data, tmp_path / "run", lora_targets=["to_qq"]))
     assert not (tmp_path / "run").exists()  # refused before the accelerator, the data or a model
 
 
 def test_the_star_demonstration_config_is_a_valid_lora_config():
     config, lora_task, _ = _train_modules()
-    cfg = config.parse_config(["--config", str(REPO / "train" / "configs" / "shapes_lora_star.yaml")],
-                              lora_task.LoraTrainConfig)
-    assert cfg.pretrained_model_name_or_path == "latentdiff/assets/default" and cfg.train_data_dir == "data/stars"
+    cfg = config.parse_config(
+        ["--config", str(REPO / "train" / "configs" / "shapes_lora_star.yaml")], lora_task.LoraTrainConfig
+    )
+    assert (
+        cfg.pretrained_model_name_or_path == "latentdiff/assets/default"
+        and cfg.train_data_dir == "data/stars"
+    )
     assert set(lora.ATTENTION_TARGETS) <= set(cfg.unet_lora_spec().target_modules)
     assert any("star" in prompt for prompt in cfg.validation_prompts)
 
 
 @pytest.mark.slow
-def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_sd_dir, train_data):
+def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run(
+    tmp_path, tiny_sd_dir, train_data
+):
     _, _, train_lora = _train_modules()
-    common = dict(rank=4, lora_alpha=8, lora_targets=["attention", "ff.net.2"], train_text_encoder=True,
-                  use_ema=True, ema_decay=0.9, lr_scheduler="constant_with_warmup", lr_warmup_steps=2,
-                  checkpointing_steps=3, random_flip=True, validation_prompts=["a red star"], validation_steps=6,
-                  validation_num_inference_steps=2)
+    common = dict(
+        rank=4,
+        lora_alpha=8,
+        lora_targets=["attention", "ff.net.2"],
+        train_text_encoder=True,
+        use_ema=True,
+        ema_decay=0.9,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=2,
+        checkpointing_steps=3,
+        random_flip=True,
+        validation_prompts=["a red star"],
+        validation_steps=6,
+        validation_num_inference_steps=2,
+    )
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert train_lora.main(lora_args(tiny_sd_dir, train_data, whole, max_train_steps=6, **common)) == 0
     assert train_lora.main(lora_args(tiny_sd_dir, train_data, split, max_train_steps=3, **common)) == 0
-    assert train_lora.main(lora_args(tiny_sd_dir, train_data, split, max_train_steps=6,
-                                     resume_from_checkpoint="latest", **common)) == 0
+    assert (
+        train_lora.main(
+            lora_args(
+                tiny_sd_dir, train_data, split, max_train_steps=6, resume_from_checkpoint="latest", **common
+            )
+        )
+        == 0
+    )
     # checkpoints hold the adapters only (not the frozen model), and resume continues them exactly
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(str(whole / "checkpoint-6" / name)), load_file(str(split / "checkpoint-6" / name))
@@ -585,14 +699,21 @@ def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run
     a, b = load_file(str(adapter)), load_file(str(split / "pytorch_lora_weights.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert sorted(p.name for p in whole.iterdir() if p.is_file()) == [
-        "lora_config.json", "pytorch_lora_weights.safetensors", "train_config.yaml"]  # no model folder
+        "lora_config.json",
+        "pytorch_lora_weights.safetensors",
+        "train_config.yaml",
+    ]  # no model folder
     assert (whole / "validation" / "step-000006.png").is_file()
     assert any(k.startswith("text_encoder.") for k in a) and any("ff.net.2" in k for k in a)
     assert all(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # every B trained away from 0
     # the exported adapter is the EMA of the last checkpoint, and loads in the pipeline
     ema = load_file(str(whole / "checkpoint-6" / "ema.safetensors"))
-    ema_to_q = next(v for k, v in ema.items() if k.endswith("attn1.to_q.lora_A.default.weight") and "down_blocks" in k)
-    assert torch.equal(a["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"], ema_to_q)
+    ema_to_q = next(
+        v for k, v in ema.items() if k.endswith("attn1.to_q.lora_A.default.weight") and "down_blocks" in k
+    )
+    assert torch.equal(
+        a["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"], ema_to_q
+    )
     pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
     pipe.set_progress_bar_config(disable=True)
     base = latents(pipe)

@@ -14,6 +14,7 @@ from latentdiff.data.shapes import (
     MAX_OFFSET,
     MIN_GAP,
     OBJECT_COLORS,
+    POLYGON_CAPTION,
     SHAPES,
     SIZES,
     STAR,
@@ -24,7 +25,6 @@ from latentdiff.data.shapes import (
     caption_scene,
     describe_scene,
     format_caption,
-    POLYGON_CAPTION,
     iter_shapes_samples,
     parse_caption,
     render_scene,
@@ -60,7 +60,9 @@ def test_training_data_never_shows_held_out_pairs_or_star():
     ]
     assert {o.shape for o in stars} == {STAR} and {o.color for o in stars} == set(OBJECT_COLORS)
     # a star fraction mixes star-only scenes with base scenes (still no held-out pair), and keeps the star scenes
-    mixed = [scene for _, _, scene in iter_shapes_samples(400, size=32, seed=0, star_only=True, star_fraction=0.5)]
+    mixed = [
+        scene for _, _, scene in iter_shapes_samples(400, size=32, seed=0, star_only=True, star_fraction=0.5)
+    ]
     star_scenes = [scene for scene in mixed if {o.shape for o in scene.objects} == {STAR}]
     base_scenes = [scene for scene in mixed if STAR not in {o.shape for o in scene.objects}]
     assert len(star_scenes) + len(base_scenes) == 400 and 150 < len(star_scenes) < 250

@@ -580,7 +580,9 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     whole, split, uncached = tmp_path / "whole", tmp_path / "split", tmp_path / "uncached"
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, whole, cache_latents=True, **common)) == 0
     text_start, unet_start = text_encoder_weights(tiny_sd_dir), unet_weights(tiny_sd_dir)
-    assert relative_difference(text_encoder_weights(whole), text_start, text_start) > 0  # the text tower trained
+    assert (
+        relative_difference(text_encoder_weights(whole), text_start, text_start) > 0
+    )  # the text tower trained
     assert relative_difference(unet_weights(whole), unet_start, unet_start) > 0
     # a checkpoint holds both modules: stopping at step 2 and resuming ends where the uninterrupted run ends
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, split, cache_latents=True, max_train_steps=2,
@@ -601,7 +603,9 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     fresh_weights = text_encoder_weights(fresh)
     assert fresh_weights.keys() == text_start.keys()
     flat = lambda d: torch.cat([d[k].flatten().double() for k in sorted(d)])  # noqa: E731
-    assert (flat(fresh_weights) - flat(text_start)).norm() > 0.5 * flat(text_start).norm()  # not the loaded ones
+    assert (flat(fresh_weights) - flat(text_start)).norm() > 0.5 * flat(
+        text_start
+    ).norm()  # not the loaded ones
     with pytest.raises(config.ConfigError, match="--text_encoder_init random.*add --train_text_encoder"):
         config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random"))
 
@@ -638,7 +642,9 @@ def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_
 def test_latent_sample_mean_trains_on_the_posterior_mean_and_a_wide_posterior_is_warned_of(
     tmp_path, tiny_sd_dir, train_data, one_thread, caplog
 ):
-    cfg = config.parse_config(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    cfg = config.parse_config(
+        t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True)
+    )
     accelerator = trainer.make_accelerator(cfg)
     models = t2i.build_models(cfg, accelerator.device, torch.float32)
     task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)

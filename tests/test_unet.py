@@ -402,10 +402,14 @@ def test_position_embedding_is_a_fixed_sincos_code_of_each_pixel():
     assert emb.shape == (1, 24, 16)
     assert len({tuple(row.tolist()) for row in emb[0]}) == 24  # every pixel has its own code
     grid = emb[0].reshape(4, 6, 16)
-    assert torch.equal(grid[:, 0, :8], grid[:, 5, :8]) and torch.equal(grid[0, :, 8:], grid[3, :, 8:])  # rows, cols
+    assert torch.equal(grid[:, 0, :8], grid[:, 5, :8]) and torch.equal(
+        grid[0, :, 8:], grid[3, :, 8:]
+    )  # rows, cols
     # a pixel's code depends on where it lies in the image, not on the resolution: pixel (0, 0) of a 2x2 map and
     # pixel (1, 1) of a 6x6 map both centre at a quarter of the side
-    assert torch.allclose(sincos_position_embedding(2, 2, 16)[0, 0], sincos_position_embedding(6, 6, 16)[0, 7])
+    assert torch.allclose(
+        sincos_position_embedding(2, 2, 16)[0, 0], sincos_position_embedding(6, 6, 16)[0, 7]
+    )
     with pytest.raises(ValueError, match="multiple of 4"):
         sincos_position_embedding(2, 2, 6)
 

@@ -175,10 +175,21 @@ class LoraTask(TextToImageTask):
             unet, text_encoder = self._unet_and_text_encoder(trainer.model)
             with trainer.averaged_weights():
                 path = save_lora(out, unet=unet, text_encoder=text_encoder)
-            unet_adapter = sum(p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name)
-            unet_base = sum(p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" not in name)
-            logger.info("saved the LoRA adapter (%s weights, %.1f kB; its UNet part has %d parameters, %.2f%% of the "
-                        "UNet's %d) to %s", "EMA" if trainer.ema else "trained", path.stat().st_size / 1e3,
-                        unet_adapter, 100 * unet_adapter / unet_base, unet_base, path)
+            unet_adapter = sum(
+                p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name
+            )
+            unet_base = sum(
+                p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" not in name
+            )
+            logger.info(
+                "saved the LoRA adapter (%s weights, %.1f kB; its UNet part has %d parameters, %.2f%% of the "
+                "UNet's %d) to %s",
+                "EMA" if trainer.ema else "trained",
+                path.stat().st_size / 1e3,
+                unet_adapter,
+                100 * unet_adapter / unet_base,
+                unet_base,
+                path,
+            )
         self.accelerator.wait_for_everyone()
         return path

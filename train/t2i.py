@@ -333,7 +333,9 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     tokenizer = CLIPTokenizer.from_pretrained(root / (sub or ""))
     root, sub = _part(text_folder, "text_encoder")
     text_encoder = CLIPTextModel.from_pretrained(root / (sub or ""))
-    if cfg.text_encoder_init == "random":  # same shape and vocabulary, fresh weights (seeded by the run's seed)
+    if (
+        cfg.text_encoder_init == "random"
+    ):  # same shape and vocabulary, fresh weights (seeded by the run's seed)
         text_encoder = CLIPTextModel(text_encoder.config)
     root, sub = _part(vae_folder, "vae")
     vae = AutoencoderKL.from_pretrained(root, subfolder=sub)
@@ -512,7 +514,9 @@ class TextToImageTask:
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         """The training loss of one micro-batch (mean over its samples); all randomness from `rng`."""
         unet, trained_text_encoder = self._unet_and_text_encoder(model)
-        if trained_text_encoder is not None:  # ∅ through the text encoder being trained, as the pipeline computes it
+        if (
+            trained_text_encoder is not None
+        ):  # ∅ through the text encoder being trained, as the pipeline computes it
             self.empty_embed = encode_prompts(self.models.tokenizer, trained_text_encoder, [""], self.device)
         mean, logvar = self._posterior(batch)
         if self.cfg.latent_sample == "mean":
@@ -572,7 +576,9 @@ class TextToImageTask:
                     else encode_prompts(self.models.tokenizer, text_encoder, part["captions"], self.device)
                 )
                 losses.append(
-                    self.per_sample_loss(unet, part["latents"], prompt_embeds, part["noise"], part["timesteps"])
+                    self.per_sample_loss(
+                        unet, part["latents"], prompt_embeds, part["noise"], part["timesteps"]
+                    )
                 )
         return float(torch.cat(losses).mean())
 

@@ -42,5 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     return run_and_export(cfg, accelerator, trainer, task.export, seed)
 
+
 if __name__ == "__main__":
     script_main(main)

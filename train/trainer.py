@@ -741,7 +741,9 @@ def init_trackers(accelerator: Accelerator, cfg) -> None:
     accelerator.init_trackers(cfg.tracker_project_name, config=flat)
 
 
-def run_and_export(cfg, accelerator: Accelerator, trainer: Trainer, export: Callable[[Trainer], Path], seed: int) -> int:
+def run_and_export(
+    cfg, accelerator: Accelerator, trainer: Trainer, export: Callable[[Trainer], Path], seed: int
+) -> int:
     """The end of every training script: save the run's config, start the trackers, train, export.
 
     Returns the exit status: 0 when done, 1 when training stopped on a non-finite loss (the message names the step
@@ -751,7 +753,9 @@ def run_and_export(cfg, accelerator: Accelerator, trainer: Trainer, export: Call
 
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "train_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}))
+        (Path(cfg.output_dir) / "train_config.yaml").write_text(
+            yaml.safe_dump({**cfg.to_dict(), "seed": seed})
+        )
     init_trackers(accelerator, cfg)
     try:
         result = trainer.train()

@@ -298,7 +298,8 @@ def render_polygon_scene(rng: np.random.Generator, size: int = 64) -> Image.Imag
         angles = np.sort(rng.uniform(0, 2 * np.pi, count))
         radii = radius * rng.uniform(0.3, 1.0, count)
         points = [
-            ((cx + r * np.cos(a)) * _SUPERSAMPLE, (cy + r * np.sin(a)) * _SUPERSAMPLE) for a, r in zip(angles, radii)
+            ((cx + r * np.cos(a)) * _SUPERSAMPLE, (cy + r * np.sin(a)) * _SUPERSAMPLE)
+            for a, r in zip(angles, radii)
         ]
         draw.polygon(points, fill=colors[rng.integers(len(colors))])
     return image.reduce(_SUPERSAMPLE)
@@ -479,7 +480,9 @@ def iter_shapes_samples(
         if polygon_fraction > 0 and np.random.default_rng([seed, index, 2]).random() < polygon_fraction:
             yield render_polygon_scene(rng, size), POLYGON_CAPTION, None
             continue
-        star = star_only and (star_fraction >= 1.0 or np.random.default_rng([seed, index, 1]).random() < star_fraction)
+        star = star_only and (
+            star_fraction >= 1.0 or np.random.default_rng([seed, index, 1]).random() < star_fraction
+        )
         scene = sample_scene(rng, star_only=star)
         yield render_scene(scene, size), caption_scene(scene, rng, drop_prob), scene
 

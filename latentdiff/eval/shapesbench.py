@@ -286,7 +286,9 @@ def vae_ceiling(
         samples = [
             (render_scene(scene, size), format_caption(describe_scene(scene)))
             for scene in (
-                sample_scene(np.random.default_rng([seed, STAR_SEED_OFFSET, i]), num_objects=1, star_only=True)
+                sample_scene(
+                    np.random.default_rng([seed, STAR_SEED_OFFSET, i]), num_objects=1, star_only=True
+                )
                 for i in range(num_scenes)
             )
         ]

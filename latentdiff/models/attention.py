@@ -237,7 +237,9 @@ class SpatialTransformer(nn.Module):
         else:
             tokens = self.proj_in(normed).permute(0, 2, 3, 1).flatten(1, 2)
         if self.position_embedding:
-            tokens = tokens + sincos_position_embedding(height, width, tokens.shape[-1], tokens.device, tokens.dtype)
+            tokens = tokens + sincos_position_embedding(
+                height, width, tokens.shape[-1], tokens.device, tokens.dtype
+            )
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         # (B, H·W, C) -> (B, C, H, W): a view with channels-last strides, which convolutions take as it is.

@@ -286,7 +286,9 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (SD) or [sin, cos]
     freq_shift: int = 0  # timestep embedding frequency shift (0 in SD; 1 in the DDPM code)
     dropout: float = 0.0  # ResBlock dropout
-    position_embedding: bool = False  # add a 2-D sine-cosine pixel position to the transformers' tokens (not SD)
+    position_embedding: bool = (
+        False  # add a 2-D sine-cosine pixel position to the transformers' tokens (not SD)
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # lists (JSON, YAML) -> tuples, so that configs compare equal
@@ -344,6 +346,7 @@ class UNetConfig:
         `attention_head_dim` (diffusers issue #2011; `UNet2DConditionModel` reads `num_attention_heads or
         attention_head_dim` as the number of heads and refuses `num_attention_heads`).
         """
+
         def as_json(value: int | tuple[int, ...]) -> int | list[int]:
             return value if isinstance(value, int) else list(value)
 
@@ -587,11 +590,13 @@ class ConditionalUNet(nn.Module):
         for level, cout in enumerate(channels):
             cin = channels[max(level - 1, 0)]
             last = level == c.levels - 1
-            self.down_blocks.append(DownBlock(
-                [resnet(cin if i == 0 else cout, cout) for i in range(layers[level])],
-                [transformer(level) for _ in range(layers[level])] if c.attention_levels[level] else None,
-                None if last else Downsample(cout),
-            ))
+            self.down_blocks.append(
+                DownBlock(
+                    [resnet(cin if i == 0 else cout, cout) for i in range(layers[level])],
+                    [transformer(level) for _ in range(layers[level])] if c.attention_levels[level] else None,
+                    None if last else Downsample(cout),
+                )
+            )
             skip_channels += [cout] * (layers[level] + (0 if last else 1))
 
         self.mid_block = MidBlock(
@@ -604,11 +609,13 @@ class ConditionalUNet(nn.Module):
         for level in reversed(range(c.levels)):
             cout = channels[level]
             n = layers[level] + 1
-            self.up_blocks.append(UpBlock(
-                [resnet((cin if i == 0 else cout) + skip_channels.pop(), cout) for i in range(n)],
-                [transformer(level) for _ in range(n)] if c.attention_levels[level] else None,
-                Upsample(cout) if level > 0 else None,
-            ))
+            self.up_blocks.append(
+                UpBlock(
+                    [resnet((cin if i == 0 else cout) + skip_channels.pop(), cout) for i in range(n)],
+                    [transformer(level) for _ in range(n)] if c.attention_levels[level] else None,
+                    Upsample(cout) if level > 0 else None,
+                )
+            )
             cin = cout
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
