@@ -57,18 +57,16 @@ def test_the_default_loads_offline_in_float32(default_pipe):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_the_default_draws_the_colour_and_background_simple_prompts_ask_for(default_pipe):
-    # What the shipped model does reliably (ShapesBench single-object colour and background accuracy 1.00): this
-    # guards the shipped weights. Shape and position are not yet reliable (README, "The embedded default").
+def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
+    # Each image must be read by the detector as its whole prompt (colour, shape, size, position, background and no
+    # extra object): this guards the shipped weights. One miss in six is allowed (ShapesBench single full match is
+    # below 1, README "The embedded default").
     generators = [torch.Generator().manual_seed(i) for i in range(len(GUARD_PROMPTS))]
     images = default_pipe(
         GUARD_PROMPTS, num_inference_steps=25, guidance_scale=5.0, generator=generators
     ).images
-    results = [shapesbench.evaluate(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
-    right = [r.correct["color"][0] and r.correct["background"][0] for r in results]
-    assert sum(right) >= 5, (
-        f"colour and background right in only {sum(right)} of {len(GUARD_PROMPTS)}: {right}"
-    )
+    right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
+    assert sum(right) >= 5, f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
 
 
 def test_latentdiff_generate_uses_the_default(tmp_path, capsys):
