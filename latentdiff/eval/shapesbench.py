@@ -244,13 +244,18 @@ def score(images: Sequence, prompts: Sequence[BenchPrompt | str]) -> dict[str, d
 
 
 def _render_scenes(
-    num_scenes: int, size: int, seed: int, include_star: bool
+    num_scenes: int, size: int, seed: int, include_star: bool, star_only: bool = False
 ) -> list[tuple[Image.Image, str]]:
-    """Fresh scenes of every composition (held-out pairs included) with their full captions."""
+    """Fresh scenes of every composition (held-out pairs included) with their full captions; include_star: every
+    fourth scene is a star-only one; star_only: single-star scenes only, from their own stream of `seed`."""
     samples = []
     for index in range(num_scenes):
-        rng = np.random.default_rng([seed, index])
-        scene = sample_scene(rng, allow_held_out=True, star_only=include_star and index % 4 == 3)
+        if star_only:
+            rng = np.random.default_rng([seed, STAR_SEED_OFFSET, index])
+            scene = sample_scene(rng, num_objects=1, star_only=True)
+        else:
+            rng = np.random.default_rng([seed, index])
+            scene = sample_scene(rng, allow_held_out=True, star_only=include_star and index % 4 == 3)
         samples.append((render_scene(scene, size), format_caption(describe_scene(scene))))
     return samples
 
@@ -282,18 +287,7 @@ def vae_ceiling(
 
     from latentdiff.conditioning import decode_latents, encode_images
 
-    if star_only:
-        samples = [
-            (render_scene(scene, size), format_caption(describe_scene(scene)))
-            for scene in (
-                sample_scene(
-                    np.random.default_rng([seed, STAR_SEED_OFFSET, i]), num_objects=1, star_only=True
-                )
-                for i in range(num_scenes)
-            )
-        ]
-    else:
-        samples = _render_scenes(num_scenes, size, seed, include_star=False)
+    samples = _render_scenes(num_scenes, size, seed, include_star=False, star_only=star_only)
     decoded: list[Image.Image] = []
     batches = range(0, len(samples), batch_size)
     with torch.inference_mode():
