@@ -101,6 +101,12 @@ class TrainConfig:
         "tokenizer) with fresh weights, trained with the UNet (needs --train_text_encoder).",
         choices=("pretrained", "random"),
     )
+    text_encoder_layers: int | None = _flag(
+        None,
+        "With --text_encoder_init random: the fresh text encoder's number of transformer layers (default: its "
+        "config's). 0 leaves each token its own embedding plus its position: words never mix, so a colour and a "
+        "shape the data never showed together are still read as that colour and that shape.",
+    )
     cache_dir: str | None = _flag(None, "Where hub downloads (models and datasets) are stored.")
 
     # ---- data ----------------------------------------------------------------------------------------------------
@@ -257,6 +263,11 @@ class TrainConfig:
         if self.text_encoder_init == "random" and not self.train_text_encoder:
             raise ConfigError(
                 "--text_encoder_init random gives the UNet an untrained text encoder: add --train_text_encoder."
+            )
+        _at_least("text_encoder_layers", self.text_encoder_layers, 0, optional=True)
+        if self.text_encoder_layers is not None and self.text_encoder_init != "random":
+            raise ConfigError(
+                "--text_encoder_layers sets the depth of a fresh text encoder: add --text_encoder_init random."
             )
         if self.cache_latents and not self.center_crop:
             raise ConfigError(

@@ -333,10 +333,11 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     tokenizer = CLIPTokenizer.from_pretrained(root / (sub or ""))
     root, sub = _part(text_folder, "text_encoder")
     text_encoder = CLIPTextModel.from_pretrained(root / (sub or ""))
-    if (
-        cfg.text_encoder_init == "random"
-    ):  # same shape and vocabulary, fresh weights (seeded by the run's seed)
-        text_encoder = CLIPTextModel(text_encoder.config)
+    if cfg.text_encoder_init == "random":  # same vocabulary, fresh weights (seeded by the run's seed)
+        config = text_encoder.config
+        if cfg.text_encoder_layers is not None:
+            config.num_hidden_layers = cfg.text_encoder_layers
+        text_encoder = CLIPTextModel(config)
     root, sub = _part(vae_folder, "vae")
     vae = AutoencoderKL.from_pretrained(root, subfolder=sub)
     if cfg.unet_config is not None:
