@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import CLIPTextModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "train"))  # train/ is a folder of scripts: `import trainer` as the scripts do
@@ -608,6 +609,18 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     ).norm()  # not the loaded ones
     with pytest.raises(config.ConfigError, match="--text_encoder_init random.*add --train_text_encoder"):
         config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random"))
+    # --text_encoder_layers 0: a fresh tower of embeddings alone, saved so that the pipeline loads it as trained
+    flat_tower = tmp_path / "flat"
+    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, flat_tower, text_encoder_init="random",
+                                   text_encoder_layers=0, max_train_steps=1, **common)) == 0  # fmt: skip
+    saved = CLIPTextModel.from_pretrained(flat_tower / "text_encoder")
+    assert saved.config.num_hidden_layers == 0 and not any(".layers." in n for n, _ in saved.named_parameters())
+    assert not any(".layers." in k for k in text_encoder_weights(flat_tower))
+    with pytest.raises(config.ConfigError, match="--text_encoder_layers.*add --text_encoder_init random"):
+        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_layers=0, **common))
+    with pytest.raises(config.ConfigError, match="--text_encoder_layers=-1 must be an integer >= 0"):
+        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random",
+                                     text_encoder_layers=-1, **common))  # fmt: skip
 
 
 @pytest.mark.slow
