@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -644,6 +645,24 @@ def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir
     ):
         train_lora.main(lora_args(tiny_sd_dir, train_data, tmp_path / "run", lora_targets=["to_qq"]))
     assert not (tmp_path / "run").exists()  # refused before the accelerator, the data or a model
+
+
+def test_train_text_encoder_is_refused_for_a_text_encoder_without_layers(tiny_sd_dir, train_data, tmp_path):
+    from transformers import CLIPTextModel
+
+    config, _, train_lora = _train_modules()
+    model = tmp_path / "flat-text-model"
+    shutil.copytree(tiny_sd_dir, model)
+    text_config = CLIPTextModel.from_pretrained(model / "text_encoder").config
+    text_config.num_hidden_layers = 0  # token and position embeddings only, as the embedded default's tower
+    shutil.rmtree(model / "text_encoder")
+    CLIPTextModel(text_config).save_pretrained(model / "text_encoder")
+    with pytest.raises(
+        config.ConfigError, match="text encoder has none \\(0 layers.*leave --train_text_encoder off"
+    ):
+        train_lora.main(
+            lora_args(model, train_data, tmp_path / "run", train_text_encoder=True, max_train_steps=1)
+        )
 
 
 def test_the_star_demonstration_config_is_a_valid_lora_config():

@@ -124,6 +124,11 @@ def add_adapters(cfg: LoraTrainConfig, models: T2IModels, weight_dtype: torch.dt
     )
     if not cfg.train_text_encoder:
         return models.unet
+    if getattr(models.text_encoder.config, "num_hidden_layers", None) == 0:
+        raise ConfigError(
+            "--train_text_encoder adapts the text encoder's attention, and this model's text encoder has none (0 "
+            "layers: token and position embeddings only); leave --train_text_encoder off."
+        )
     add_lora(models.text_encoder, cfg.text_encoder_lora_spec(), generator=generator)
     models.text_encoder.train()  # the adapters' dropout; CLIP's own dropout is 0
     return nn.ModuleDict({"unet": models.unet, "text_encoder": models.text_encoder})
