@@ -24,6 +24,11 @@ GUARD_PROMPTS = [
     "a large green square on the right on a black background",
     "a large orange circle in the bottom right on a white background",
     "a large purple triangle at the top on a gray background",
+    # held-out colour-shape pairs (never in the training images) and two objects
+    "a small purple circle in the center on a white background",
+    "a large green triangle on the left on a black background",
+    "a small orange square in the top right on a gray background",
+    "a small red circle on the left and a large blue triangle on the right, on a black background",
 ]
 
 
@@ -59,14 +64,14 @@ def test_the_default_loads_offline_in_float32(default_pipe):
 
 def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
     # Each image must be read by the detector as its whole prompt (colour, shape, size, position, background and no
-    # extra object): this guards the shipped weights. One miss in six is allowed (ShapesBench single full match is
-    # below 1, README "The embedded default").
+    # extra object): this guards the shipped weights, held-out pairs included. One miss is allowed (ShapesBench
+    # measures 0.99 to 1.00 per group; another CPU's float rounding may move an image, README "The embedded default").
     generators = [torch.Generator().manual_seed(i) for i in range(len(GUARD_PROMPTS))]
     images = default_pipe(
         GUARD_PROMPTS, num_inference_steps=25, guidance_scale=5.0, generator=generators
     ).images
     right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
-    assert sum(right) >= 5, f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
+    assert sum(right) >= len(GUARD_PROMPTS) - 1, f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
 
 
 def test_latentdiff_generate_uses_the_default(tmp_path, capsys):

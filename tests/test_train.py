@@ -614,7 +614,9 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, flat_tower, text_encoder_init="random",
                                    text_encoder_layers=0, max_train_steps=1, **common)) == 0  # fmt: skip
     saved = CLIPTextModel.from_pretrained(flat_tower / "text_encoder")
-    assert saved.config.num_hidden_layers == 0 and not any(".layers." in n for n, _ in saved.named_parameters())
+    assert saved.config.num_hidden_layers == 0 and not any(
+        ".layers." in n for n, _ in saved.named_parameters()
+    )
     assert not any(".layers." in k for k in text_encoder_weights(flat_tower))
     with pytest.raises(config.ConfigError, match="--text_encoder_layers.*add --text_encoder_init random"):
         config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_layers=0, **common))
