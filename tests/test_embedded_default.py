@@ -71,7 +71,9 @@ def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
         GUARD_PROMPTS, num_inference_steps=25, guidance_scale=5.0, generator=generators
     ).images
     right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
-    assert sum(right) >= len(GUARD_PROMPTS) - 1, f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
+    assert sum(right) >= len(GUARD_PROMPTS) - 1, (
+        f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
+    )
 
 
 def test_latentdiff_generate_uses_the_default(tmp_path, capsys):
