@@ -301,7 +301,7 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     """Load (or, with --unet_config, create) the parts; the VAE and text encoder frozen, in `weight_dtype`, on
     `device`; the UNet float32 in train mode (the loop moves it)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from latentdiff.models.unet import ConditionalUNet
 
@@ -332,12 +332,13 @@ def build_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
     root, sub = _part(text_folder, "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(root / (sub or ""))
     root, sub = _part(text_folder, "text_encoder")
-    text_encoder = CLIPTextModel.from_pretrained(root / (sub or ""))
     if cfg.text_encoder_init == "random":  # same vocabulary, fresh weights (seeded by the run's seed)
-        config = text_encoder.config
+        config = CLIPTextConfig.from_pretrained(root / (sub or ""))  # the weights are not read
         if cfg.text_encoder_layers is not None:
             config.num_hidden_layers = cfg.text_encoder_layers
         text_encoder = CLIPTextModel(config)
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(root / (sub or ""))
     root, sub = _part(vae_folder, "vae")
     vae = AutoencoderKL.from_pretrained(root, subfolder=sub)
     if cfg.unet_config is not None:
