@@ -67,6 +67,35 @@ def test_foreground_weights_mark_pixels_away_from_the_median_colour():
     assert weights[0, 0, 2:4, 2:4].eq(11).all() and weights.sum() == 11 * 4 + 60
 
 
+def test_foreground_margin_weights_the_background_beside_objects_too():
+    images = -torch.ones(1, 3, 8, 8)
+    images[0, 0, 3, 3] = 1.0  # one red pixel on black
+    weights = vae.foreground_weights(images, 11.0, 0.1, margin=1)
+    assert weights[0, 0, 2:5, 2:5].eq(11).all() and weights.sum() == 11 * 9 + 55
+    assert vae.foreground_weights(images, 11.0, 0.1, margin=0).sum() == 11 + 63
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_its_scaling_factor(tmp_path, shapes_data, one_thread):
+    from diffusers import AutoencoderKL
+
+    before = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.75,
+    )  # fmt: skip
+    before.save_pretrained(tmp_path / "base")
+    flags = common_flags(shapes_data, tmp_path / "run", steps=2)
+    args = ["--pretrained_vae_model_name_or_path", str(tmp_path / "base"), "--train_decoder_only"]
+    assert train_vae.main([*flags, *args, "--foreground_weight", "11", "--foreground_margin", "1"]) == 0
+    after = AutoencoderKL.from_pretrained(tmp_path / "run" / "vae")
+    assert after.config.scaling_factor == 0.75
+    old, new = before.state_dict(), after.state_dict()
+    for name in old:
+        if name.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(new[name], old[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(new[n], old[n]) for n in old if n.startswith("decoder."))
+
+
 def test_caption_words_are_the_words_and_punctuation_of_every_caption():
     from datasets import Dataset
 
@@ -149,5 +178,9 @@ def test_bad_stage_flags_are_refused_before_training(tmp_path, shapes_data):
         parse_config(base, vae.VaeTrainConfig)
     with pytest.raises(ConfigError, match="foreground_weight"):
         parse_config([*base, "--vae_config", __file__, "--foreground_weight", "0.5"], vae.VaeTrainConfig)
+    with pytest.raises(ConfigError, match="foreground_margin"):
+        parse_config([*base, "--vae_config", __file__, "--foreground_margin", "-1"], vae.VaeTrainConfig)
+    with pytest.raises(ConfigError, match="--train_decoder_only fine-tunes"):
+        parse_config([*base, "--vae_config", __file__, "--train_decoder_only"], vae.VaeTrainConfig)
     with pytest.raises(ConfigError, match="clip_config"):
         parse_config(base, clip.ClipTrainConfig)

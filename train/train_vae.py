@@ -3,9 +3,10 @@
     accelerate launch --config_file accelerate_config.yaml train/train_vae.py --config train/configs/shapes_vae.yaml
 
 Options: `python train/train_vae.py --help`: the data, loop, checkpoint and validation flags of train_t2i.py, plus
---vae_config (shape of a new VAE) or --pretrained_vae_model_name_or_path (fine-tune), --kl_weight,
---foreground_weight and --latent_sample. At the end --output_dir/vae holds a diffusers AutoencoderKL folder with its
-measured scaling_factor (pass it to train_t2i.py as --pretrained_vae_model_name_or_path).
+--vae_config (shape of a new VAE) or --pretrained_vae_model_name_or_path (fine-tune; --train_decoder_only keeps its
+encoder), --kl_weight, --foreground_weight, --foreground_margin and --latent_sample. At the end --output_dir/vae holds a
+diffusers AutoencoderKL folder with its measured scaling_factor (kept as it was with --train_decoder_only; pass the
+folder to train_t2i.py as --pretrained_vae_model_name_or_path).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Per image x (B, 3, H, W) in [-1, 1], with the encoder's posterior q(z | x) = N(�
 | `latents`      | z         | μ (`--latent_sample mean`) or μ + σ·ε (`--latent_sample sample`)                    |
 | `recon`        | x̂         | decoder(z)                                                                         |
 | `weight`       | w         | 1 on background pixels, `--foreground_weight` on pixels that differ from the image's |
-|                |           | median colour (objects covering a small share of the image)                         |
+|                |           | median colour (objects covering a small share of the image) and on the background   |
+|                |           | within `--foreground_margin` pixels of them (an object's notches and outline)      |
 | `kl`           | KL        | KL(q(z | x) ‖ N(0, I)), summed over the latent, averaged over the batch              |
 
     loss = mean(w · |x̂ − x|) / mean(w) + kl_weight · KL / (H · W · 3)
@@ -35,6 +36,7 @@ from config import LATENT_SAMPLES, ConfigError, TrainConfig, _flag
 from PIL import Image
 from t2i import split_image_datasets
 from torch import nn
+from torch.nn import functional as F
 from trainer import BatchRandom, Trainer
 
 from latentdiff.data.dataset import TextImageDataset, collate_text_image
@@ -66,6 +68,18 @@ class VaeTrainConfig(TrainConfig):
         0.1,
         "A pixel is foreground when some channel differs from the median colour by more than this ([-1, 1] units).",
     )
+    foreground_margin: int = _flag(
+        0,
+        "Background pixels within this many pixels (Chebyshev distance) of a foreground pixel are weighted like "
+        "it: without a margin, filling an object's notches (background) costs 1/foreground_weight of cutting its "
+        "points (foreground), and a VAE learns to round small concave shapes into convex ones.",
+    )
+    train_decoder_only: bool = _flag(
+        False,
+        "Fine-tune the decoder only (with --pretrained_vae_model_name_or_path): the encoder, its latents and the "
+        "scaling_factor stay as they were, so a diffusion model trained on them keeps working (as Stable "
+        "Diffusion's ft-MSE VAE did).",
+    )
     latent_sample: str = _flag(
         "mean",
         "Decode the posterior mean (mean) or a sample of the posterior (sample).",
@@ -87,6 +101,13 @@ class VaeTrainConfig(TrainConfig):
             raise ConfigError(f"--kl_weight={self.kl_weight} must be >= 0 (e.g. 1e-6).")
         if self.foreground_weight < 1:
             raise ConfigError(f"--foreground_weight={self.foreground_weight} must be >= 1 (1 is plain L1).")
+        if self.foreground_margin < 0:
+            raise ConfigError(f"--foreground_margin={self.foreground_margin} must be >= 0 pixels (0: no margin).")
+        if self.train_decoder_only and self.pretrained_vae_model_name_or_path is None:
+            raise ConfigError(
+                "--train_decoder_only fine-tunes a trained VAE's decoder: pass --pretrained_vae_model_name_or_path "
+                "too (a new VAE's encoder would stay random)."
+            )
 
 
 def _read_mapping(path: str | Path) -> dict[str, Any]:
@@ -103,7 +124,7 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
 
 def build_vae(cfg: VaeTrainConfig) -> nn.Module:
     """A new AutoencoderKL of --vae_config's shape, or the one of --pretrained_vae_model_name_or_path, float32, in
-    train mode. Its down-sampling factor must divide --resolution."""
+    train mode (the encoder frozen with --train_decoder_only). Its down-sampling factor must divide --resolution."""
     from diffusers import AutoencoderKL
 
     if cfg.vae_config is not None:
@@ -119,15 +140,21 @@ def build_vae(cfg: VaeTrainConfig) -> nn.Module:
         raise ConfigError(
             f"--resolution={cfg.resolution} is not divisible by the VAE's down-sampling factor {factor}."
         )
+    if cfg.train_decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
     return vae.float().train()
 
 
-def foreground_weights(images: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+def foreground_weights(images: torch.Tensor, weight: float, threshold: float, margin: int = 0) -> torch.Tensor:
     """(B, 1, H, W): `weight` where a pixel differs from its image's per-channel median colour by more than
-    `threshold` in some channel, 1 elsewhere."""
+    `threshold` in some channel, or lies within `margin` pixels (Chebyshev distance) of such a pixel; 1 elsewhere."""
     median = images.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-    foreground = ((images - median).abs() > threshold).any(dim=1, keepdim=True)
-    return 1.0 + (weight - 1.0) * foreground.float()
+    foreground = ((images - median).abs() > threshold).any(dim=1, keepdim=True).float()
+    if margin > 0:
+        foreground = F.max_pool2d(foreground, kernel_size=2 * margin + 1, stride=1, padding=margin)
+    return 1.0 + (weight - 1.0) * foreground
 
 
 class VaeTask:
@@ -156,10 +183,15 @@ class VaeTask:
             latents = latents + posterior.std * noise.to(latents)
         return vae.decode(latents).sample, posterior
 
+    def weights(self, images: torch.Tensor) -> torch.Tensor:
+        """The loss weight w of each pixel, (B, 1, H, W)."""
+        cfg = self.cfg
+        return foreground_weights(images, cfg.foreground_weight, cfg.foreground_threshold, cfg.foreground_margin)
+
     def compute_loss(self, vae: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         images = batch["pixel_values"].to(self.accelerator.device)
         recon, posterior = self.reconstruct(vae, images, rng)
-        weight = foreground_weights(images, self.cfg.foreground_weight, self.cfg.foreground_threshold)
+        weight = self.weights(images)
         l1 = (weight * (recon.float() - images).abs()).mean() / weight.mean()
         kl = posterior.kl().mean() / images[0].numel()  # per image pixel and channel
         return l1 + self.cfg.kl_weight * kl
@@ -177,7 +209,7 @@ class VaeTask:
                     -1, 1
                 )
             vae.train()
-            weight = foreground_weights(images, self.cfg.foreground_weight, self.cfg.foreground_threshold)
+            weight = self.weights(images)
             logs["val_l1"] = float((recon - images).abs().mean())
             logs["val_l1_weighted"] = float((weight * (recon - images).abs()).mean() / weight.mean())
             count = min(self.cfg.validation_images, len(images))
@@ -208,12 +240,15 @@ class VaeTask:
 
     def export(self, trainer: Trainer) -> Path:
         """Save the VAE (EMA weights if enabled) as a diffusers AutoencoderKL folder in --output_dir/vae, with its
-        measured scaling_factor."""
+        measured scaling_factor (the pretrained one with --train_decoder_only)."""
         out = Path(self.cfg.output_dir) / "vae"
         if self.accelerator.is_main_process:
             with trainer.averaged_weights() as vae:
                 vae.eval()
-                factor = self.scaling_factor(vae, trainer.dataset)
+                if self.cfg.train_decoder_only:  # the latents are the encoder's as before: so is their scale
+                    factor = float(vae.config.scaling_factor)
+                else:
+                    factor = self.scaling_factor(vae, trainer.dataset)
                 if not math.isfinite(factor):
                     raise RuntimeError(f"the latents' std gives a scaling factor of {factor}; not exported")
                 vae.register_to_config(scaling_factor=factor)
