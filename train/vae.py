@@ -102,7 +102,9 @@ class VaeTrainConfig(TrainConfig):
         if self.foreground_weight < 1:
             raise ConfigError(f"--foreground_weight={self.foreground_weight} must be >= 1 (1 is plain L1).")
         if self.foreground_margin < 0:
-            raise ConfigError(f"--foreground_margin={self.foreground_margin} must be >= 0 pixels (0: no margin).")
+            raise ConfigError(
+                f"--foreground_margin={self.foreground_margin} must be >= 0 pixels (0: no margin)."
+            )
         if self.train_decoder_only and self.pretrained_vae_model_name_or_path is None:
             raise ConfigError(
                 "--train_decoder_only fine-tunes a trained VAE's decoder: pass --pretrained_vae_model_name_or_path "
@@ -147,7 +149,9 @@ def build_vae(cfg: VaeTrainConfig) -> nn.Module:
     return vae.float().train()
 
 
-def foreground_weights(images: torch.Tensor, weight: float, threshold: float, margin: int = 0) -> torch.Tensor:
+def foreground_weights(
+    images: torch.Tensor, weight: float, threshold: float, margin: int = 0
+) -> torch.Tensor:
     """(B, 1, H, W): `weight` where a pixel differs from its image's per-channel median colour by more than
     `threshold` in some channel, or lies within `margin` pixels (Chebyshev distance) of such a pixel; 1 elsewhere."""
     median = images.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
@@ -186,7 +190,9 @@ class VaeTask:
     def weights(self, images: torch.Tensor) -> torch.Tensor:
         """The loss weight w of each pixel, (B, 1, H, W)."""
         cfg = self.cfg
-        return foreground_weights(images, cfg.foreground_weight, cfg.foreground_threshold, cfg.foreground_margin)
+        return foreground_weights(
+            images, cfg.foreground_weight, cfg.foreground_threshold, cfg.foreground_margin
+        )
 
     def compute_loss(self, vae: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         images = batch["pixel_values"].to(self.accelerator.device)
