@@ -22,8 +22,10 @@ if [ ! -f data/vae64/metadata.jsonl ]; then
   latentdiff make-dataset shapes data/vae64 --num-images 20000 --size 64 --seed 2 --polygon-fraction 0.5
 fi
 
-stamp "2/5 VAE and 3/5 CLIP, side by side (logs: $log/vae.log, $log/clip.log)"
-OMP_NUM_THREADS=1 $launch train/train_vae.py --config train/configs/shapes_vae.yaml > "$log/vae.log" 2>&1 &
+stamp "2/5 VAE (two runs) and 3/5 CLIP, side by side (logs: $log/vae.log, $log/clip.log)"
+# the VAE in two runs: 1,500 steps from scratch, then 1,500 more at half the learning rate (shapes_vae_refine.yaml)
+( OMP_NUM_THREADS=1 $launch train/train_vae.py --config train/configs/shapes_vae.yaml \
+    && OMP_NUM_THREADS=1 $launch train/train_vae.py --config train/configs/shapes_vae_refine.yaml ) > "$log/vae.log" 2>&1 &
 vae=$!
 OMP_NUM_THREADS=1 $launch train/train_clip.py --config train/configs/shapes_clip.yaml > "$log/clip.log" 2>&1 &
 clip=$!
