@@ -2,18 +2,19 @@
 
 It checks every argument (and that the output folder exists) before loading a model, seeds one generator per image
 (image i of a batch is the image a single run with seed + i gives), and writes the prompt, seed and settings into
-each PNG's text chunks so any image can be made again.
+each PNG's text chunks (and in the web UIs' `parameters` chunk) so any image can be made again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from latentdiff.images import image_grid, png_text
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,15 @@ def generate(
             numbered files `<stem>-1.png ... <stem>-N.png` beside it.
         height, width: pixels (default: the model's native size).
         sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
-        loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
+        loras: LoRA adapters to load, as paths or (path, scale) pairs.
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
 
     Returns:
         The paths written.
     """
+    from latentdiff.default_model import DEFAULT_MODEL_DIR
     from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
-    from pipelines.latent_pipeline import DEFAULT_MODEL_DIR, LatentPipeline
+    from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
     _check_arguments(output, steps, num_images, sampler, eta)
@@ -81,8 +83,6 @@ def generate(
         pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
-        if not hasattr(pipe, "load_lora_weights"):
-            raise NotImplementedError("loras: this LatentPipeline has no load_lora_weights yet.")
         pipe.load_lora_weights(path, scale=scale)
 
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
@@ -104,30 +104,18 @@ def generate(
         "model": str(model or "embedded default"),
     }
     settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
+    settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
         seeds = str(seed) if num_images == 1 else f"{seed}..{seed + num_images - 1} (row by row)"
-        image.save(output, pnginfo=_png_text({**settings, "seed": seeds}))
+        image.save(output, pnginfo=png_text({**settings, "seed": seeds}))
         return [output]
     paths = []
     for i, image in enumerate(images):
         path = output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
-        image.save(path, pnginfo=_png_text({**settings, "seed": str(seed + i)}))
+        image.save(path, pnginfo=png_text({**settings, "seed": str(seed + i)}))
         paths.append(path)
     return paths
-
-
-def image_grid(images: list) -> object:
-    """Tile PIL images of one size into a near-square grid (columns = ceil(sqrt(n))), row by row."""
-    import PIL.Image
-
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = PIL.Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, eta: float) -> None:
@@ -153,13 +141,3 @@ def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, et
         raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0.")
-
-
-def _png_text(settings: dict[str, str]):
-    """PNG text chunks holding the settings that made an image."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in settings.items():
-        info.add_text(key, value)
-    return info

@@ -29,34 +29,17 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
+from latentdiff.default_model import DEFAULT_MODEL_DIR
+from latentdiff.hub import SUBFOLDERS, local_folder
 from latentdiff.models.unet import ConditionalUNet
 from latentdiff.schedulers import DDIMScheduler
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
 
-# The embedded default model shipped inside the package (see DESIGN.md, "The embedded default").
-DEFAULT_MODEL_DIR = Path(latentdiff.__file__).parent / "assets" / "default"
-
-# The diffusers Stable Diffusion folder layout: model_index.json and one subfolder per part.
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Sampler configs read as this project's DDIM without a note: they share DDIM's training schedule keys.
 DDIM_COMPATIBLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
-# Files fetched from the hub: configs, tokenizer files and safetensors weights, no duplicate variants.
-HUB_ALLOW_PATTERNS = ["model_index.json", *(f"{name}/*" for name in SUBFOLDERS)]
-HUB_IGNORE_PATTERNS = [
-    "*.bin",
-    "*.ckpt",
-    "*.msgpack",
-    "*.onnx",
-    "*.pb",
-    "*.h5",
-    "*fp16*",
-    "*non_ema*",
-    "*.ema.*",
-]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -470,12 +453,8 @@ def _model_dir(path_or_hub_id: str | Path) -> Path:
         raise FileNotFoundError(
             f"path_or_hub_id={text!r}: no such folder (and not a hub id of the form owner/name)."
         )
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(
-            snapshot_download(text, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
-        )
+        return local_folder(text)
     except Exception as error:  # offline, unknown id, gated repo: say what was tried
         raise FileNotFoundError(
             f"path_or_hub_id={text!r} is not a local folder and could not be fetched from the Hugging Face hub: "
