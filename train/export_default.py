@@ -21,11 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from latentdiff.eval import shapesbench  # noqa: E402
-from pipelines.latent_pipeline import LatentPipeline  # noqa: E402
+from latentdiff.eval import shapesbench
+from pipelines.latent_pipeline import LatentPipeline
 
 PARTS = ("unet", "vae", "text_encoder")
 
