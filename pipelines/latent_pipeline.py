@@ -142,13 +142,16 @@ class LatentPipeline(LoraMixin):
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write the diffusers Stable Diffusion layout: `model_index.json` and one subfolder per part.
+    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
+        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, and a model card
+        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`).
 
         diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
         format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
         """
         import diffusers
+
+        from latentdiff.model_card import CARD_NAME, pipeline_card
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,7 @@ class LatentPipeline(LoraMixin):
             "vae": ["diffusers", type(self.vae).__name__],
         }
         (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        (directory / CARD_NAME).write_text(model_card or pipeline_card(directory))
 
     # ------------------------------------------------------------------------------------- device and bars
 

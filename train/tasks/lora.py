@@ -35,6 +35,7 @@ from latentdiff.lora import (
     check_targets,
     save_lora,
 )
+from latentdiff.model_card import lora_card
 from train.loop import Trainer
 from train.loop_config import ConfigError, flag
 from train.randomness import derive_seed
@@ -167,7 +168,16 @@ class LoraTask(TextToImageTask):
         if self.accelerator.is_main_process:
             unet, text_encoder = unet_and_text_encoder(trainer.model)
             with trainer.averaged_weights():
-                path = save_lora(out, unet=unet, text_encoder=text_encoder)
+                card = lora_card(
+                    out,
+                    self.cfg.pretrained_model_name_or_path,
+                    {
+                        **self.card_details(trainer),
+                        "rank": self.cfg.rank,
+                        "targets": " ".join(self.cfg.lora_targets),
+                    },
+                )
+                path = save_lora(out, unet=unet, text_encoder=text_encoder, model_card=card)
             unet_adapter = sum(
                 p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name
             )

@@ -47,6 +47,7 @@ from latentdiff.data.cache import (
 )
 from latentdiff.data.dataset import ImageTransform, TextImageDataset, collate_text_image, dataset_fingerprint
 from latentdiff.images import image_grid
+from latentdiff.model_card import pipeline_card
 from train.loop import Trainer
 from train.randomness import BatchRandom, derive_seed
 from train.tasks.t2i_config import T2IConfig
@@ -382,6 +383,21 @@ class TextToImageTask:
 
     # ---- export ----
 
+    def card_details(self, trainer: Trainer) -> dict[str, object]:
+        """What the model card says about the run."""
+        cfg = self.cfg
+        return {
+            "trained with": f"latentdiff `{type(self).__name__}` (train/)",
+            "base model": cfg.pretrained_model_name_or_path or f"from scratch ({cfg.unet_config})",
+            "data": cfg.dataset_name or cfg.train_data_dir,
+            "resolution": cfg.resolution,
+            "steps": trainer.global_step,
+            "global batch": trainer.global_batch * cfg.gradient_accumulation_steps,
+            "learning rate": cfg.learning_rate,
+            "prediction type": self.prediction_type,
+            "EMA weights": "yes" if trainer.ema else "no",
+        }
+
     def export(self, trainer: Trainer) -> Path:
         """Write the SD-layout pipeline folder into --output_dir: the UNet with EMA weights if enabled, the frozen
         parts in float32, and the training noise scheduler's config (prediction type included)."""
@@ -395,7 +411,7 @@ class TextToImageTask:
                 text_encoder = (text_encoder or self.models.text_encoder).to(torch.float32)
                 LatentPipeline(
                     unet, self.models.noise_scheduler, self.models.vae, text_encoder, self.models.tokenizer
-                ).save_pretrained(out)
+                ).save_pretrained(out, model_card=pipeline_card(out, self.card_details(trainer)))
             logger.info("saved the pipeline (%s weights) to %s", "EMA" if trainer.ema else "trained", out)
         self.accelerator.wait_for_everyone()
         return out
