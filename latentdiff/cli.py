@@ -1,4 +1,4 @@
-"""The `latentdiff` command line: `latentdiff generate | make-dataset | bench`.
+"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
 inside the command that needs them, so `latentdiff --help` is instant.
@@ -25,7 +25,20 @@ def _lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _best_device() -> str:
+    """cuda, then mps, then cpu: the fastest device this machine has."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from latentdiff.generate import generate
 
     paths = generate(
@@ -42,9 +55,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         eta=args.eta,
         loras=[_lora_spec(spec) for spec in args.lora],
+        device=args.device or _best_device(),
+        torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     for path in paths:
         print(f"saved {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from latentdiff.convert import convert_single_file
+
+    out = convert_single_file(args.checkpoint, args.out, args.config, args.original_config, args.offline)
+    print(f"saved {out} (load it with LatentPipeline.from_pretrained or latentdiff generate --model)")
     return 0
 
 
@@ -139,7 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
+    gen.add_argument(
+        "--device",
+        choices=["cuda", "mps", "cpu"],
+        default=None,
+        help="where to run (default: cuda, mps or cpu)",
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="weights dtype (default float32)",
+    )
     gen.set_defaults(func=_cmd_generate)
+
+    convert = commands.add_parser(
+        "convert", help="convert a single-file SD checkpoint into the diffusers layout"
+    )
+    convert.add_argument("checkpoint", help="the .safetensors file (keys model.diffusion_model.*, ...)")
+    convert.add_argument("out", help="the folder to write (must not exist)")
+    convert.add_argument(
+        "--config",
+        default=None,
+        help="diffusers folder or hub id of the same architecture (configs, tokenizer)",
+    )
+    convert.add_argument("--original-config", default=None, help="the checkpoint's original LDM YAML config")
+    convert.add_argument(
+        "--offline", action="store_true", help="never reach the hub (--config must be a folder)"
+    )
+    convert.set_defaults(func=_cmd_convert)
 
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +91,17 @@ class LatentPipeline(LoraMixin):
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
-    Diffusion folder.
+    Diffusion folder. A prompt given at construction, `LatentPipeline("a red circle")()` (or `prompt=` with the
+    parts), is used by calls that name none; a model path there is refused with a pointer to `from_pretrained`.
     """
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None) -> None:
+    def __init__(
+        self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, prompt=None
+    ) -> None:
+        # LatentPipeline("a prompt"): the embedded default, with that prompt
+        if isinstance(unet, str | list | tuple):
+            unet, prompt = None, _constructor_prompt(unet, prompt)
+        self.prompt = prompt
         parts = {
             "unet": unet,
             "scheduler": scheduler,
@@ -221,7 +229,8 @@ class LatentPipeline(LoraMixin):
         """Generate images from text.
 
         Args:
-            prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given).
+            prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given); default: the prompt
+                given at construction.
             negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
                 empty prompt. Only used when guidance_scale > 1.
             num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
@@ -244,6 +253,8 @@ class LatentPipeline(LoraMixin):
         Returns:
             PipelineOutput with `.images`.
         """
+        if prompt is None and prompt_embeds is None:
+            prompt = self.prompt  # the prompt given at construction, if any
         do_guidance = guidance_scale > 1.0
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
@@ -441,6 +452,20 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _constructor_prompt(text: str | list[str] | tuple[str, ...], prompt: Any) -> str | list[str]:
+    """The prompt of `LatentPipeline("a prompt")`; a model folder or hub id there is refused, never guessed."""
+    if prompt is not None:
+        raise TypeError("LatentPipeline got a prompt twice: positionally and as prompt=.")
+    for item in [text] if isinstance(text, str) else text:
+        if isinstance(item, str) and (Path(item).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", item)):
+            raise ValueError(
+                f"LatentPipeline({item!r}): that names a model folder or hub id, not a prompt; load a model with "
+                f"LatentPipeline.from_pretrained({item!r}). LatentPipeline('a prompt') takes a prompt for the "
+                "embedded default."
+            )
+    return _as_prompt_list(text, "prompt") if not isinstance(text, str) else text
 
 
 def _model_dir(path_or_hub_id: str | Path) -> Path:
