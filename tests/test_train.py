@@ -768,3 +768,71 @@ def test_nan_loss_stops_the_script_cleanly_and_it_resumes(
 def test_example_config_parses():
     cfg = parse_t2i(["--config", str(REPO / "train" / "configs" / "example_t2i.yaml"), "--seed", "3"])
     assert cfg.seed == 3 and cfg.cache_latents and cfg.center_crop and cfg.learning_rate == 1e-5
+
+
+# ---- each task's flags, diffusers' flags -------------------------------------------------------------------------
+
+
+def test_each_task_accepts_only_its_own_flags(tmp_path):
+    from train.tasks.vae import VaeConfig
+
+    base = ["--train_data_dir", "d", "--output_dir", str(tmp_path), "--vae_config", __file__]
+    assert parse_config(base, VaeConfig).learning_rate == 1e-4  # a loop flag
+    for t2i_only in (["--snr_gamma", "5"], ["--prediction_type", "epsilon"], ["--cond_dropout_prob", "0.1"]):
+        with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+            parse_config([*base, *t2i_only], VaeConfig)
+    path = tmp_path / "vae.yaml"
+    path.write_text("train_data_dir: d\nsnr_gamma: 5.0\n")
+    with pytest.raises(ConfigError, match="unknown option 'snr_gamma' for VaeConfig"):
+        parse_config(["--config", str(path)], VaeConfig)
+
+
+def test_diffusers_flag_names_carry_over(tmp_path):
+    base = ["--train_data_dir", "d", "--pretrained_model_name_or_path", "m"]
+    cfg = parse_t2i([*base, "--proportion_empty_prompts", "0.25", "--input_perturbation", "0.1",
+                     "--validation_epochs", "2", "--revision", "main", "--variant", "fp16"])  # fmt: skip
+    assert cfg.cond_dropout_prob == 0.25 and cfg.input_perturbation == 0.1 and cfg.validation_epochs == 2
+    assert cfg.revision == "main" and cfg.variant == "fp16"
+    path = tmp_path / "run.yaml"
+    path.write_text("train_data_dir: d\npretrained_model_name_or_path: m\nproportion_empty_prompts: 0.3\n")
+    assert parse_t2i(["--config", str(path)]).cond_dropout_prob == 0.3
+    with pytest.raises(ConfigError, match="--input_perturbation=-0.1 must be >= 0"):
+        parse_t2i([*base, "--input_perturbation", "-0.1"])
+
+
+def test_validation_epochs_validates_when_an_epoch_it_divides_ends(tmp_path):
+    # 10 samples, batch 2: 5 micro-batches per epoch; 2 per optimizer step -> epochs 2 and 4 end at steps 5 and 10
+    steps = []
+    cfg = toy_cfg(tmp_path, max_train_steps=12, gradient_accumulation_steps=2, validation_epochs=2)
+    run = toy_trainer(cfg)
+    run.validate = lambda trainer, step: steps.append(step) or {}
+    run.train()
+    assert steps == [5, 10, 12]  # and once at the end
+
+
+@pytest.mark.slow
+def test_input_perturbation_moves_the_unet_input_not_the_target(
+    tmp_path, tiny_sd_dir, train_data, one_thread
+):
+    cfg = parse_t2i(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    accelerator = train.launch.make_accelerator(cfg)
+    models = build_models(cfg, accelerator.device)
+    task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)
+    train_set, _, collate = task.datasets(train.data.load_data(cfg))
+    batch = collate([train_set[(0, i)] for i in range(4)])
+    seen = []
+
+    class ZeroUNet(torch.nn.Module):  # ε̂ = 0: the loss is then mean(ε²), the target alone
+        def forward(self, noisy_latents, timesteps, prompt_embeds):
+            seen.append(noisy_latents)
+            return torch.zeros_like(noisy_latents)
+
+    def run(gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        task.cfg = dataclasses.replace(cfg, input_perturbation=gamma, snr_gamma=None)
+        rng = train.randomness.BatchRandom(0, 0, 0, 4, 0, 4, torch.device("cpu"))
+        return task.compute_loss(ZeroUNet(), batch, rng), seen[-1]
+
+    (loss0, z0), (loss1, z1), (loss2, z2) = run(0.0), run(0.5), run(1.0)
+    assert torch.equal(loss0, loss1) and torch.equal(loss0, loss2)  # the target is still ε
+    assert not torch.allclose(z0, z1)
+    torch.testing.assert_close(z2 - z0, 2 * (z1 - z0))  # z_t moves by √(1 − ᾱ_t)·γ·ξ: linear in γ
