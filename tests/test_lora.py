@@ -705,10 +705,12 @@ def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run
     a, b = load_file(str(adapter)), load_file(str(split / "pytorch_lora_weights.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert sorted(p.name for p in whole.iterdir() if p.is_file()) == [
+        "README.md",  # the model card, naming the base model
         "lora_config.json",
         "pytorch_lora_weights.safetensors",
         "train_config.yaml",
     ]  # no model folder
+    assert f'base_model: "{tiny_sd_dir}"' in (whole / "README.md").read_text()
     assert (whole / "validation" / "step-000006.png").is_file()
     assert any(k.startswith("text_encoder.") for k in a) and any("ff.net.2" in k for k in a)
     assert all(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # every B trained away from 0
