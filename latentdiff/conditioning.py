@@ -66,8 +66,12 @@ def encode_prompts(
 
 
 def vae_scale_factor(vae) -> int:
-    """Pixels per latent pixel along a side: 2 ** (number of VAE levels - 1), from the VAE's config (8 for SD)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent pixel along a side: 2 ** (number of VAE levels - 1), from the VAE's config (8 for SD).
+
+    `vae` is a `diffusers.AutoencoderKL` or its config.json dict (read before any weight is loaded).
+    """
+    config = vae if isinstance(vae, dict) else vae.config  # diffusers' config is a dict as well
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _shift_factor(vae) -> float:

@@ -836,3 +836,18 @@ def test_input_perturbation_moves_the_unet_input_not_the_target(
     assert torch.equal(loss0, loss1) and torch.equal(loss0, loss2)  # the target is still ε
     assert not torch.allclose(z0, z1)
     torch.testing.assert_close(z2 - z0, 2 * (z1 - z0))  # z_t moves by √(1 − ᾱ_t)·γ·ξ: linear in γ
+
+
+@pytest.mark.parametrize(
+    "name, task",
+    [("example_t2i", "t2i"), ("shapes_t2i", "t2i"), ("shapes_vae", "vae"), ("shapes_vae_refine", "vae"),
+     ("shapes_clip", "clip"), ("shapes_lora_star", "lora")],
+)  # fmt: skip
+def test_every_shipped_yaml_config_parses_with_its_task_config(name, task):
+    from train.tasks.clip import ClipConfig
+    from train.tasks.lora import LoraConfig
+    from train.tasks.vae import VaeConfig
+
+    config_class = {"t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig}[task]
+    cfg = parse_config(["--config", str(REPO / "train" / "configs" / f"{name}.yaml")], config_class)
+    assert type(cfg) is config_class and cfg.train_data_dir

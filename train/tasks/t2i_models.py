@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiff.conditioning import vae_scale_factor
 from latentdiff.hub import local_folder
 from latentdiff.models.unet import UNetConfig
 from train.arguments import read_mapping
@@ -125,7 +126,7 @@ def resolve_model_files(cfg: T2IConfig) -> ModelFiles:
 def check_model_files(cfg: T2IConfig, files: ModelFiles) -> None:
     """The resolution against the model's down-sampling factor, the UNet's input channels against the VAE's latents
     and its cross-attention width against the text encoder."""
-    vae_factor = 2 ** (len(files.vae_config.get("block_out_channels", (64,))) - 1)
+    vae_factor = vae_scale_factor(files.vae_config)
     unet_factor = 2 ** (files.unet.levels - 1)
     factor = vae_factor * unet_factor
     if cfg.resolution % factor:
