@@ -13,14 +13,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
+from latentdiff.cli import SAMPLER_NAMES, main
 from latentdiff.schedulers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    sampler_from_config,
 )
+from latentdiff.schedulers.registry import SAMPLERS as REGISTRY
 from pipelines import LatentPipeline
 
 PROMPTS = ["a red circle in the top left", "a small blue square on a white background"]
@@ -136,3 +140,63 @@ def test_a_folder_config_naming_a_sampler_loads_that_sampler(tiny_sd_dir, tmp_pa
         assert "UniPCMultistepScheduler" in caplog.text
     pipe.set_progress_bar_config(disable=True)
     assert pipe(PROMPTS[0], num_inference_steps=2, output_type="np").images.std() > 0.01
+
+
+# ------------------------------------------------------------------------------------------------ CLI and names
+
+
+def test_cli_sampler_names_are_the_registrys_and_help_lists_them(capsys):
+    assert SAMPLER_NAMES == tuple(REGISTRY)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = capsys.readouterr().out
+    assert "{" + ",".join(SAMPLER_NAMES) + "}" in shown and "--karras" in shown
+
+
+def test_cli_generate_with_a_sampler_and_karras_writes_that_samplers_image(
+    pipe, tiny_sd_dir, tmp_path, capsys
+):
+    out = tmp_path / "dpm.png"
+    arguments = [
+        "generate",
+        PROMPTS[0],
+        "--model",
+        str(tiny_sd_dir),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "-o",
+        str(out),
+    ]
+    assert main([*arguments, "--sampler", "dpmpp_2m", "--karras"]) == 0
+    with Image.open(out) as image:
+        assert image.text["sampler"] == "dpmpp_2m" and image.text["karras"] == "True"
+        written = np.asarray(image.convert("RGB"))
+    chosen = with_scheduler(pipe, sampler_from_config("dpmpp_2m", pipe.scheduler.config, karras=True))
+    expected = chosen(
+        PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, generator=[torch.Generator().manual_seed(5)]
+    )
+    np.testing.assert_array_equal(written, np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--sampler", "euler_a", "--karras"], "no Karras sigmas"),
+        (["--sampler", "ddim", "--karras"], "no Karras sigmas"),
+        (["--karras"], "DDIMScheduler has no Karras sigmas"),  # the model's own sampler is DDIM
+        (["--sampler", "euler", "--steps", "1001"], "num_inference_steps=1001"),
+    ],
+)
+def test_cli_bad_sampler_input_is_a_clear_error(tiny_sd_dir, tmp_path, capsys, extra, message):
+    arguments = ["generate", PROMPTS[0], "--model", str(tiny_sd_dir), "-o", str(tmp_path / "x.png"), *extra]
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_unknown_sampler_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "--sampler", "lms"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lms'" in capsys.readouterr().err

@@ -679,7 +679,9 @@ def test_unknown_keyword_is_a_type_error():
 def test_bad_sampling_calls_are_rejected_by_name(scheduler_class):
     scheduler = scheduler_class()
     x = torch.zeros(SHAPE)
-    if scheduler_class is DDIMScheduler:  # DDPM steps the training chain instead (test_samplers.py), as diffusers'
+    if (
+        scheduler_class is DDIMScheduler
+    ):  # DDPM steps the training chain instead (test_samplers.py), as diffusers'
         with pytest.raises(ValueError, match="set_timesteps"):
             scheduler.step(x, 999, x)
     for n in (0, T + 1):

@@ -85,6 +85,27 @@ def sampler_from_config(name: str, config: Mapping[str, Any], karras: bool = Fal
     return cls.from_config(config, **settings)
 
 
+def choose_sampler(scheduler: Any, name: str | None = None, karras: bool = False) -> Any:
+    """The sampler to run: ``name`` built on ``scheduler``'s config, or ``scheduler`` itself when ``name`` is None
+    (switched to Karras sigmas when ``karras``, if its class has them).
+
+    Args:
+        scheduler: the model's sampler (this project's or diffusers'), e.g. ``pipe.scheduler``.
+        name: one of ``SAMPLERS``, or None for the model's own.
+        karras: space σ by Karras et al. 2022 eq. 5.
+    """
+    if name is not None:
+        return sampler_from_config(name, scheduler.config, karras)
+    if not karras:
+        return scheduler
+    if "use_karras_sigmas" not in scheduler.config:
+        raise ValueError(
+            f"karras=True: the model's sampler {type(scheduler).__name__} has no Karras sigmas; choose a sampler "
+            f"that has them ({', '.join(KARRAS_SAMPLERS)})."
+        )
+    return type(scheduler).from_config(scheduler.config, use_karras_sigmas=True)
+
+
 def scheduler_from_folder_config(config: Mapping[str, Any]) -> Scheduler:
     """This project's sampler for a folder's ``scheduler_config.json``, by its ``_class_name``.
 
