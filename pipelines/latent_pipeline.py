@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,12 @@ import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
 from latentdiff.models.unet import ConditionalUNet
 from latentdiff.schedulers.registry import scheduler_from_folder_config
+from pipelines.classifier_guidance import (
+    alpha_prod_at,
+    check_class_labels,
+    guide_model_output,
+    log_prob_gradient,
+)
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
@@ -231,6 +237,9 @@ class LatentPipeline(LoraMixin):
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Callable[..., dict | None] | None = None,
+        classifier: torch.nn.Module | None = None,
+        classifier_guidance_scale: float = 1.0,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None = None,
     ) -> PipelineOutput:
         """Generate images from text.
 
@@ -255,6 +264,13 @@ class LatentPipeline(LoraMixin):
             output_type: "pil", "np", "pt" or "latent" (see `PipelineOutput`).
             callback_on_step_end: called as f(pipeline, i, t, {"latents": z}) after step i; may return a dict
                 whose "latents" replaces z.
+            classifier: a noise-aware classifier p_φ(y | z_t) on latents (`latentdiff.models.classifier`) for
+                classifier guidance (Dhariwal & Nichol 2021): each step's model output is shifted by
+                s·√(1 − ᾱ_t)·∇ log p_φ(y | z_t) in the noise-prediction form (`pipelines.classifier_guidance`),
+                after classifier-free guidance.
+            classifier_guidance_scale: s; 0 turns classifier guidance off.
+            class_labels: the target y, {attribute: class index, or a list of B}, one entry per attribute the
+                classifier predicts (e.g. {"color": 2, "shape": 0, "cell": 4}); needed with `classifier`.
 
         Returns:
             PipelineOutput with `.images`.
@@ -266,6 +282,7 @@ class LatentPipeline(LoraMixin):
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
         batch_size = cond.shape[0] * num_images_per_prompt
+        labels = self._class_labels(classifier, classifier_guidance_scale, class_labels, batch_size)
         # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
         context = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
@@ -276,8 +293,8 @@ class LatentPipeline(LoraMixin):
         step_kwargs, per_image_noise = self._step_kwargs(generator, eta)
         with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                scaled_latents = self.scheduler.scale_model_input(latents, t)  # z_t as the model sees it
+                model_input = torch.cat([scaled_latents, scaled_latents]) if do_guidance else scaled_latents
                 model_output = self.unet(model_input, t, context)
                 if do_guidance:
                     model_output_uncond, model_output_cond = model_output.chunk(2)
@@ -286,6 +303,15 @@ class LatentPipeline(LoraMixin):
                     )
                     if guidance_rescale > 0.0:
                         model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
+                if labels is not None:
+                    gradient = log_prob_gradient(classifier, scaled_latents, t, labels)
+                    model_output = guide_model_output(
+                        model_output,
+                        gradient,
+                        alpha_prod_at(self.scheduler.alphas_cumprod, t),
+                        self.scheduler.config.prediction_type,
+                        classifier_guidance_scale,
+                    )
                 if per_image_noise:  # per-image generators: draw the step's noise here, image by image
                     step_kwargs["variance_noise"] = randn(
                         latents.shape, generator, latents.device, latents.dtype
@@ -299,6 +325,26 @@ class LatentPipeline(LoraMixin):
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _class_labels(
+        self,
+        classifier: torch.nn.Module | None,
+        scale: float,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None,
+        batch_size: int,
+    ) -> dict[str, torch.Tensor] | None:
+        """The target labels as (B,) tensors when classifier guidance is on, else None; errors name the argument."""
+        if classifier is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given without a classifier; pass classifier=... as well.")
+            return None
+        if class_labels is None:
+            raise ValueError(
+                "classifier guidance needs class_labels: the target class of each attribute the classifier "
+                f"predicts ({', '.join(name for name, _ in classifier.config.attributes)})."
+            )
+        labels = check_class_labels(classifier, class_labels, batch_size, self.device)
+        return labels if scale != 0.0 else None
 
     def _step_kwargs(
         self, generator: torch.Generator | list[torch.Generator] | None, eta: float
