@@ -1,4 +1,6 @@
-"""What DDPM and DDIM share: the config, the inference timesteps, x̂₀ / ε̂ from a model output, and config files.
+"""What every sampler shares: the config, the inference timesteps, x̂₀ / ε̂ from a model output, and config files.
+
+DDPM and DDIM use all of it; the σ-samplers (Euler, Heun, DPM-Solver++) add their own timesteps in sigmas.py.
 
 | code name                | symbol               | equation                                                              |
 |--------------------------|----------------------|-----------------------------------------------------------------------|
@@ -14,7 +16,9 @@ wrong for ``linspace`` spacing and for ``trailing`` spacing when n does not divi
 #11347). After the last timestep comes x₀, marked by the previous timestep −1.
 
 A scheduler is configured by a frozen dataclass whose field names are diffusers' keyword names, and is saved as
-``scheduler_config.json`` in diffusers' format, so diffusers' schedulers and these load each other's files.
+``scheduler_config.json`` in diffusers' format, so diffusers' schedulers and these load each other's files. The
+config is also a read-only dict (as diffusers' ``FrozenDict``), so ``config["prediction_type"]`` works and
+``diffusers.SomeScheduler.from_config(ours.config)`` accepts it.
 """
 
 from __future__ import annotations
