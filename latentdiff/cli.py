@@ -13,6 +13,12 @@ from pathlib import Path
 
 from latentdiff import __version__
 
+# latentdiff.schedulers.registry.SAMPLERS's names, listed here so that `--help` imports no torch (a test keeps the two
+# equal)
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLER_HELP = "sampler (default: the model's own, from its scheduler_config.json)"
+KARRAS_HELP = "Karras et al. 2022 noise levels (euler, heun, dpmpp_2m, dpmpp_2m_sde)"
+
 
 def _lora_spec(text: str) -> tuple[str, float]:
     """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
@@ -53,6 +59,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         sampler=args.sampler,
+        karras=args.karras,
         eta=args.eta,
         loras=[_lora_spec(spec) for spec in args.lora],
         device=args.device or _best_device(),
@@ -93,8 +100,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
+
+    if args.sampler is not None:
+        check_sampler(args.sampler, args.karras)
 
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
@@ -103,9 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = shapesbench.bench_prompts(groups)
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, args.karras)
     for path, scale in (_lora_spec(spec) for spec in args.lora):
         pipe.load_lora_weights(path, scale=scale)
 
@@ -117,7 +125,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = {
         "model": args.model or "embedded default",
-        "sampler": args.sampler,
+        "sampler": args.sampler or type(pipe.scheduler).__name__,
+        "karras": args.karras,
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "lora": args.lora,
@@ -157,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
@@ -220,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
     bench.add_argument("--steps", type=int, default=25)
     bench.add_argument("--guidance", type=float, default=5.0)
-    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    bench.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     bench.add_argument(
         "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
     )

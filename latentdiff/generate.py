@@ -18,8 +18,6 @@ from latentdiff.images import image_grid, png_text
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "ddpm")
-
 
 def generate(
     prompt: str,
@@ -32,7 +30,8 @@ def generate(
     num_images: int = 1,
     height: int | None = None,
     width: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
+    karras: bool = False,
     eta: float = 0.0,
     loras: Sequence[str | Path | tuple[str | Path, float]] = (),
     grid: bool = True,
@@ -52,19 +51,21 @@ def generate(
         num_images: how many images; with several, `grid=True` writes one grid at `output`, `grid=False` writes
             numbered files `<stem>-1.png ... <stem>-N.png` beside it.
         height, width: pixels (default: the model's native size).
-        sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
-        loras: LoRA adapters to load, as paths or (path, scale) pairs.
+        sampler: one of ddim, ddpm, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde (each built on the model's
+            scheduler config: its training schedule), or None for the model's own sampler; eta: DDIM's η.
+        karras: space the noise levels by Karras et al. 2022 (euler, heun, dpmpp_2m, dpmpp_2m_sde).
+        loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
 
     Returns:
         The paths written.
     """
     from latentdiff.default_model import DEFAULT_MODEL_DIR
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from latentdiff.schedulers.registry import choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
-    _check_arguments(output, steps, num_images, sampler, eta)
+    _check_arguments(output, steps, num_images, sampler, karras, eta)
     if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ValueError(
             f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
@@ -78,9 +79,7 @@ def generate(
         LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
     )
     pipe.to(device=device, dtype=torch_dtype)
-    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
         pipe.load_lora_weights(path, scale=scale)
@@ -103,7 +102,10 @@ def generate(
         "negative_prompt": negative or "",
         "model": str(model or "embedded default"),
     }
-    settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
+    settings.update(
+        steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
+    )
+    settings.update(karras=str(karras), eta=str(eta))
     settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
@@ -118,8 +120,12 @@ def generate(
     return paths
 
 
-def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, eta: float) -> None:
+def _check_arguments(
+    output: Path, steps: int, num_images: int, sampler: str | None, karras: bool, eta: float
+) -> None:
     """Everything that can be checked without a model, so a typo fails in a second, not after loading."""
+    from latentdiff.schedulers.registry import check_sampler
+
     if output.is_dir():
         raise ValueError(
             f"output={str(output)!r} is a folder; pass a file name in it, e.g. {str(output / 'out.png')!r}."
@@ -137,7 +143,7 @@ def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, et
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be an int >= 1.")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    if sampler is not None:
+        check_sampler(sampler, karras)
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0.")
