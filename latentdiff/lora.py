@@ -54,6 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiff.validation import check_safetensors_file
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
@@ -616,6 +618,7 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, LoraWeights]:
     from safetensors import safe_open
 
     file = find_lora_file(path)
+    check_safetensors_file(file)
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}

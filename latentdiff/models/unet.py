@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latentdiff.models.attention import SpatialTransformer, TransformerBlock
+from latentdiff.validation import check_safetensors_file
 
 logger = logging.getLogger(__name__)
 
@@ -672,6 +673,13 @@ class ConditionalUNet(nn.Module):
                 f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
                 f"(B, L, {c.cross_attention_dim}) (cross_attention_dim={c.cross_attention_dim})"
             )
+        if not torch.is_autocast_enabled(sample.device.type):  # under autocast the layers cast for themselves
+            for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+                if tensor.dtype != self.dtype:
+                    raise TypeError(
+                        f"{name} is {tensor.dtype} but the UNet's weights are {self.dtype}; pass "
+                        f"{name}.to({self.dtype}) (or cast the UNet with unet.to({tensor.dtype}))"
+                    )
         if encoder_hidden_states.shape[0] != batch:
             raise ValueError(
                 f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} "
@@ -752,7 +760,12 @@ class ConditionalUNet(nn.Module):
                 f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
                 f"diffusers pipeline folder with subfolder='unet')"
             )
-        config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
+        try:
+            config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({error}); fix the file or copy it again."
+            ) from None
         state = _load_weights(directory, allow_pickle, variant)
         dtype = torch_dtype or torch.float32
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
@@ -763,6 +776,17 @@ class ConditionalUNet(nn.Module):
             raise ValueError(
                 f"weights in {directory} do not match its config: {len(missing)} missing "
                 f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+            )
+        expected = model.state_dict()
+        wrong = [
+            f"{n} {tuple(t.shape)} (config: {tuple(expected[n].shape)})"
+            for n, t in state.items()
+            if t.shape != expected[n].shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"the weights in {directory} do not match its {CONFIG_NAME}: {len(wrong)} tensor(s) have another "
+                f"shape, e.g. {wrong[:2]}; the weights were saved from another config: use that config.json"
             )
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
@@ -778,9 +802,12 @@ def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> d
 
     single, index = named(WEIGHTS_NAME), named(WEIGHTS_NAME + ".index.json")
     if single.is_file():
+        check_safetensors_file(single)
         return load_file(str(single))
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            check_safetensors_file(directory / shard)
         return {name: t for shard in shards for name, t in load_file(str(directory / shard)).items()}
     for pickle_file in (named(n) for n in PICKLE_WEIGHTS_NAMES):
         if pickle_file.is_file():
