@@ -488,11 +488,11 @@ def iter_shapes_samples(
 def _check_fractions(star_fraction: float, polygon_fraction: float) -> None:
     if not 0.0 <= star_fraction <= 1.0:
         raise ValueError(
-            f"star_fraction={star_fraction!r} (--star-fraction) must be in [0, 1], e.g. 0.5 for half star scenes"
+            f"star_fraction={star_fraction!r} must be in [0, 1] (--star-fraction), e.g. 0.5 for half star scenes"
         )
     if not 0.0 <= polygon_fraction <= 1.0:
         raise ValueError(
-            f"polygon_fraction={polygon_fraction!r} (--polygon-fraction) must be in [0, 1], e.g. 0.5 for VAE data"
+            f"polygon_fraction={polygon_fraction!r} must be in [0, 1] (--polygon-fraction), e.g. 0.5 for VAE data"
         )
 
 
@@ -554,11 +554,11 @@ def _check_dataset_arguments(
 ) -> None:
     """The arguments of write_shapes_dataset, each named with its CLI flag."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images={num_images!r} (--num-images) must be an int >= 1")
+        raise ValueError(f"num_images={num_images!r} must be an int >= 1 (--num-images)")
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
-        raise ValueError(f"size={size!r} (--size) must be an int >= {MIN_SIZE}, e.g. 64")
+        raise ValueError(f"size={size!r} must be an int >= {MIN_SIZE} (--size), e.g. 64")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} (--seed) must be an int >= 0")
+        raise ValueError(f"seed={seed!r} must be an int >= 0 (--seed)")
     _check_fractions(star_fraction, polygon_fraction)
 
 
