@@ -64,10 +64,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
+    from latentdiff.lora import find_lora_file
     from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
     from pipelines.latent_pipeline import LatentPipeline
 
     loras = [validation.parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in loras:
+        find_lora_file(path)
     for name in ("grid", "json"):  # check where the results go before the bench runs
         if getattr(args, name):
             validation.check_output_file(Path(getattr(args, name)), overwrite=True, name=f"--{name}")
@@ -122,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument(
-        "-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)"
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG path (several images: a grid); an existing file is refused unless --overwrite",
     )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")

@@ -586,7 +586,12 @@ def _ddim_from_folder_config(config_file: Path) -> DDIMScheduler:
     latents are not bounded by 1 (PNDM configs never carry the key; diffusers' StableDiffusionPipeline forces it
     off as well). An explicit `clip_sample: true` is kept.
     """
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({error}); fix the file or copy it again."
+        ) from None
     written_for = config.get("_class_name", "an unnamed scheduler")
     if written_for not in DDIM_COMPATIBLE_SCHEDULERS:
         logger.warning(
