@@ -87,7 +87,7 @@ class LoraMixin:
             ValueError: a layer of the adapter that the model lacks or whose shape differs (named in the message;
                 the pipeline is left unchanged), a name already in use, or fused adapters.
         """
-        check_finite("scale (the adapter's weight)", scale, "0.8")
+        check_finite("scale", scale, "0.8 (the adapter's weight)")
         parts = lora.read_lora_file(path)
         models = self._lora_models()
         if "text_encoder" in parts and "text_encoder" not in models:
