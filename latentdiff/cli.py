@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError) as error:  # user errors: one line, no traceback
+    except (ValueError, OSError) as error:  # user errors: one line, no traceback
         print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
 

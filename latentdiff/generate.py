@@ -182,7 +182,7 @@ def _check_size_and_loras(
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
         validation.check_finite(f"the scale of LoRA {str(path)!r}", scale, "0.8")
-        find_lora_file(path)
+        validation.check_safetensors_file(find_lora_file(path))
 
 
 def _native_geometry(model_dir: Path) -> tuple[int, int] | None:

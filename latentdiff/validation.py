@@ -149,7 +149,7 @@ def check_finite_tensor(name: str, tensor, fix: str) -> None:
     """ValueError when `tensor` holds NaN or ±inf, counting them; `fix` says what to do."""
     bad = int((~tensor.isfinite()).sum())
     if bad:
-        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; {fix}")
+        raise ValueError(f"{name}: {bad} of {tensor.numel()} values are not finite (NaN or inf); {fix}")
 
 
 def check_generator(generator: object) -> None:

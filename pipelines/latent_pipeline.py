@@ -363,10 +363,10 @@ class LatentPipeline(LoraMixin):
         num_prompts = (
             len(prompts)
             if prompts is not None
-            else self._check_embeds(prompt_embeds, "prompt_embeds").shape[0]
+            else self._check_prompt_embeds(prompt_embeds, "prompt_embeds").shape[0]
         )
         if negative_prompt_embeds is not None and do_guidance:
-            self._check_embeds(negative_prompt_embeds, "negative_prompt_embeds")
+            self._check_prompt_embeds(negative_prompt_embeds, "negative_prompt_embeds")
         negatives = None
         if do_guidance and negative_prompt_embeds is None:
             negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
@@ -395,7 +395,7 @@ class LatentPipeline(LoraMixin):
             uncond = uncond.to(device=self.device, dtype=self.dtype)
         return prompt_embeds.to(device=self.device, dtype=self.dtype), uncond
 
-    def _check_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
+    def _check_prompt_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
         """A (P, L, D) tensor of finite values, D the UNet's cross_attention_dim."""
         embeds = _check_embeds(embeds, name)
         width = self.unet.config.cross_attention_dim
@@ -464,11 +464,11 @@ class LatentPipeline(LoraMixin):
         if output_type == "latent":
             return latents
         decoded = decode_latents(self.vae, latents).float()
-        if not decoded.isfinite().all():
-            raise FloatingPointError(
-                f"the VAE decoded finite latents into {int((~decoded.isfinite()).sum())} non-finite pixel values "
-                "(NaN or inf): its weights are damaged or it overflowed; check the vae/ weights or run in float32."
-            )
+        validation.check_finite_tensor(
+            "the image the VAE decoded from finite latents",
+            decoded,
+            "its weights are damaged or it overflowed: check the vae/ weights or run in float32.",
+        )
         images = (decoded / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output_type == "pt":
             return images

@@ -238,8 +238,11 @@ def test_the_default_has_a_closed_vocabulary_and_clip_an_open_one():
         ({"guidance_scale": math.nan}, "guidance_scale=nan"),
         ({"guidance_rescale": math.nan}, "guidance_rescale=nan"),
         ({"eta": math.nan}, "eta=nan"),
-        ({"latents": torch.full((1, 4, 8, 8), math.nan)}, "latents holds 256 non-finite"),
-        ({"prompt": None, "prompt_embeds": torch.full((1, 77, 32), math.nan)}, "prompt_embeds holds"),
+        ({"latents": torch.full((1, 4, 8, 8), math.nan)}, "latents: 256 of 256 values are not finite"),
+        (
+            {"prompt": None, "prompt_embeds": torch.full((1, 77, 32), math.nan)},
+            "prompt_embeds: 2464 of 2464 values are not finite",
+        ),
     ],
 )
 def test_pipeline_refuses_non_finite_numbers(pipe, kwargs, named):
@@ -269,15 +272,19 @@ def test_lora_scales_must_be_finite(pipe, lora_file, capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "part, error, named", [("unet", ValueError, "denoised latents"), ("vae", FloatingPointError, "VAE")]
+    "part, named",
+    [
+        ("unet", "the denoised latents: .* not finite"),
+        ("vae", "the image the VAE decoded from finite latents: .* not finite"),
+    ],
 )
-def test_nan_weights_give_an_error_not_a_black_image(tiny_sd_dir, part, error, named):
+def test_nan_weights_give_an_error_not_a_black_image(tiny_sd_dir, tmp_path, part, named):
     broken = LatentPipeline.from_pretrained(tiny_sd_dir)
     broken.set_progress_bar_config(disable=True)
     layer = broken.unet.conv_out if part == "unet" else broken.vae.decoder.conv_out
     with torch.no_grad():
         layer.weight.fill_(math.nan)
-    with pytest.raises(error, match=named):
+    with pytest.raises(ValueError, match=named):
         broken("a red circle", num_inference_steps=1)
 
 
