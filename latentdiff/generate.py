@@ -47,7 +47,8 @@ def generate(
 
     Args:
         prompt: the text.
-        output: a file path ending in ".png"; its folder must exist.
+        output: a file path ending in ".png"; its folder must exist, and an existing file is refused unless
+            overwrite.
         model: a diffusers SD folder or hub id; default: the embedded default model.
         negative: negative prompt (default: the empty prompt).
         steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none).
