@@ -1,14 +1,19 @@
 """Checkpoints of a run: written atomically, found, rotated and read back.
 
 A checkpoint `<output_dir>/checkpoint-N` holds what `accelerator.save_state` writes (weights, optimizer, LR schedule,
-RNG states), `ema.safetensors` when an EMA is kept, and `trainer_state.json` (the step, the seed and what the data
-position depends on). It is written into `.tmp-checkpoint-N` and renamed once complete, so a crash never leaves a
-partial checkpoint that `latest` would pick; `is_complete` is the one test of completeness (a marker file written
-last would be added there and in `save_checkpoint`'s final step).
+RNG states), `ema.safetensors` when an EMA is kept, `trainer_state.json` (the step, the seed and what the data
+position depends on) and, written last, `checksums.json`: the size and SHA-256 of every other file. It is written
+into `.tmp-checkpoint-N` and renamed once complete, so a crash never leaves a partial checkpoint that `latest` would
+pick; `is_complete` (the checksums file is there) is the one test of completeness, and `damage` re-reads the files
+against their checksums before a resume, so a checkpoint truncated or corrupted later (a full disk, an interrupted
+copy) is found before it is loaded: `latest` then falls back to the newest intact one with a warning, and a named
+checkpoint is refused with the damaged file's name.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -19,17 +24,58 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from train.loop_config import ConfigError
+
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # written last: its presence marks a complete checkpoint
 
 
 def is_complete(path: Path) -> bool:
-    """Whether `path` is a checkpoint that was written to the end."""
-    return (path / STATE_FILE).is_file()
+    """Whether `path` is a checkpoint that was written to the end (its checksums file, written last, is there)."""
+    return (path / CHECKSUMS_FILE).is_file()
+
+
+def file_checksums(path: Path) -> dict[str, dict[str, Any]]:
+    """{relative file name: {"size": bytes, "sha256": hex digest}} of every file under `path` but the checksums."""
+    sums = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE):
+        with file.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        sums[file.relative_to(path).as_posix()] = {"size": file.stat().st_size, "sha256": digest}
+    return sums
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (naming the first bad file), or None when all are intact.
+
+    The answer is remembered for as long as the checksums file is unchanged, so that checking a checkpoint before
+    the models load and again when the loop resumes reads its files once.
+    """
+    marker = path / CHECKSUMS_FILE
+    return _damage(path, marker.stat().st_mtime_ns if marker.is_file() else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _damage(path: Path, checksums_mtime: int | None) -> str | None:
+    try:
+        expected = json.loads((path / CHECKSUMS_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{path / CHECKSUMS_FILE} cannot be read ({error})"
+    for name, want in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != want["size"]:
+            return f"{file} has {file.stat().st_size} bytes where {want['size']} were written (truncated?)"
+        with file.open("rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != want["sha256"]:
+                return f"{file} does not match the checksum written with it (corrupted)"
+    return None
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -39,32 +85,66 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (`checkpoint-N`), oldest first."""
+    return [path for path in numbered_folders(output_dir) if is_complete(path)]
+
+
+def numbered_folders(output_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-N` folder, complete or not, oldest first."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = []
-    for path in folder.iterdir():
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if match and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    found = [(re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name), p) for p in folder.iterdir() if p.is_dir()]
+    return [path for _, path in sorted((int(m.group(1)), p) for m, p in found if m)]
 
 
 def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """The checkpoint to resume from: None, the newest complete one for 'latest' (None if there is none), or the
-    given folder, which must be a complete checkpoint."""
+    """The checkpoint to resume from: None; for 'latest', the newest intact one (a damaged or incomplete newer one is
+    skipped with a warning; None if there is no checkpoint at all); or the given folder, which must be intact.
+
+    Raises ConfigError naming the damaged file when the named checkpoint, or every checkpoint for 'latest', is
+    damaged or incomplete.
+    """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return _newest_intact(output_dir)
     path = Path(resume_from_checkpoint)
     if not is_complete(path):
-        raise ValueError(
-            f"--resume_from_checkpoint={str(path)!r} is not a complete checkpoint (no {STATE_FILE}); pass a "
-            f"{CHECKPOINT_PREFIX}N folder or 'latest'."
+        raise ConfigError(
+            f"--resume_from_checkpoint={str(path)!r} is not a complete checkpoint (no {CHECKSUMS_FILE}, which is "
+            f"written last); pass a {CHECKPOINT_PREFIX}N folder or 'latest'."
+        )
+    problem = damage(path)
+    if problem:
+        raise ConfigError(
+            f"--resume_from_checkpoint={str(path)!r} is damaged: {problem}. Resume from an earlier checkpoint "
+            "(--resume_from_checkpoint latest picks the newest intact one)."
         )
     return path
+
+
+def _newest_intact(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums; warns of each newer one it skips."""
+    folders = numbered_folders(output_dir)
+    problems = []
+    for path in reversed(folders):
+        problem = (
+            damage(path) if is_complete(path) else f"{path} has no {CHECKSUMS_FILE} (not written to the end)"
+        )
+        if problem is None:
+            if problems:
+                logger.warning(
+                    "--resume_from_checkpoint latest: resuming from %s, the newest intact checkpoint", path
+                )
+            return path
+        logger.warning("--resume_from_checkpoint latest: skipping %s: %s", path.name, problem)
+        problems.append(problem)
+    if problems:
+        raise ConfigError(
+            f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir} ({'; '.join(problems)}). "
+            "Pass --overwrite_output_dir to start again, or another --output_dir."
+        )
+    return None
 
 
 def rotate_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
@@ -109,6 +189,8 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        checksums = {"step": step, "files": file_checksums(tmp)}
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2) + "\n")
         if final.exists():  # the same step saved before (e.g. by a run that was resumed): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -120,10 +202,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema=None) -> tuple[dict[str, Any], bool]:
-    """Restore what `save_checkpoint` wrote; returns (the loop's state, whether the EMA was restored)."""
-    state = read_state(path)
-    accelerator.load_state(str(path))
+    """Restore what `save_checkpoint` wrote; returns (the loop's state, whether the EMA was restored).
+
+    A file that cannot be read (its checksums were checked by `find_checkpoint`, so rather a checkpoint of another
+    model) raises a RuntimeError naming the checkpoint.
+    """
     ema_restored = ema is not None and (path / EMA_FILE).is_file()
-    if ema_restored:
-        ema.load(path / EMA_FILE)
+    try:
+        state = read_state(path)
+        accelerator.load_state(str(path))
+        if ema_restored:
+            ema.load(path / EMA_FILE)
+    except Exception as error:
+        raise RuntimeError(f"could not restore checkpoint {path}: {type(error).__name__}: {error}") from error
     return state, ema_restored
