@@ -53,15 +53,17 @@ def file_checksums(path: Path) -> dict[str, dict[str, Any]]:
 def damage(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files (naming the first bad file), or None when all are intact.
 
-    The answer is remembered for as long as the checksums file is unchanged, so that checking a checkpoint before
-    the models load and again when the loop resumes reads its files once.
+    The answer is remembered while no file of the checkpoint changes (name, size and modification time), so that
+    checking a checkpoint before the models load and again when the loop resumes reads its files once.
     """
-    marker = path / CHECKSUMS_FILE
-    return _damage(path, marker.stat().st_mtime_ns if marker.is_file() else None)
+    stats = tuple(
+        (p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()
+    )
+    return _damage(path, stats)
 
 
 @functools.lru_cache(maxsize=8)
-def _damage(path: Path, checksums_mtime: int | None) -> str | None:
+def _damage(path: Path, stats: tuple) -> str | None:
     try:
         expected = json.loads((path / CHECKSUMS_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:

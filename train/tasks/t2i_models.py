@@ -86,7 +86,8 @@ def resolve_model_files(cfg: T2IConfig) -> ModelFiles:
         path_or_id = getattr(cfg, flag)
         if path_or_id is None:
             return None
-        if Path(path_or_id).is_absolute() or path_or_id.startswith(".") or path_or_id.count("/") > 1:
+        looks_local = Path(path_or_id).is_absolute() or path_or_id.startswith(".") or path_or_id.count("/") > 1
+        if looks_local and not Path(path_or_id).is_dir():
             raise ConfigError(
                 f"--{flag}={path_or_id!r}: no such folder. Pass the path of a Stable Diffusion folder in the "
                 "diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or a hub id."
