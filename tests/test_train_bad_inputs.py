@@ -92,6 +92,11 @@ def test_a_run_into_an_earlier_runs_folder_is_refused_and_overwrite_starts_clean
 def test_latest_in_a_folder_with_an_export_but_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "model_index.json").write_text("{}")
+    overwrite = parse_t2i([*T2I_BASE, "--output_dir", str(tmp_path), "--overwrite_output_dir"])
+    with pytest.raises(
+        ConfigError, match="has no train_config.yaml .*model_index.json, unet/ may not be a run's"
+    ):
+        check_output_dir(overwrite)  # a model folder, not a run's: never deleted
     with pytest.raises(ConfigError, match=r"has no checkpoint to resume, but holds model_index\.json, unet/"):
         check_output_dir(
             parse_t2i([*T2I_BASE, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
@@ -200,6 +205,16 @@ def test_latest_falls_back_past_damaged_checkpoints_and_a_named_damaged_one_is_r
         ConfigError, match=r"no intact checkpoint in .*checkpoint-1/model\.safetensors has 0 bytes"
     ):
         train.checkpoints.find_checkpoint(tmp_path, "latest")
+
+    # a checkpoint written before checksums existed is still resumed, with a warning that it is not verified
+    (tmp_path / "checkpoint-3" / "checksums.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train.checkpoints.find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert (
+        "checkpoint-3 has no checksums.json (an earlier version wrote it): its files are not verified"
+        in caplog.text
+    )
 
 
 # ---- item 9: mixed precision on a CPU ------------------------------------------------------------------------

@@ -36,8 +36,9 @@ CHECKSUMS_FILE = "checksums.json"  # written last: its presence marks a complete
 
 
 def is_complete(path: Path) -> bool:
-    """Whether `path` is a checkpoint that was written to the end (its checksums file, written last, is there)."""
-    return (path / CHECKSUMS_FILE).is_file()
+    """Whether `path` is a checkpoint that was written to the end: its checksums file, written last, is there (or,
+    in a checkpoint written before checksums existed, its trainer_state.json)."""
+    return (path / CHECKSUMS_FILE).is_file() or (path / STATE_FILE).is_file()
 
 
 def file_checksums(path: Path) -> dict[str, dict[str, Any]]:
@@ -54,8 +55,11 @@ def damage(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files (naming the first bad file), or None when all are intact.
 
     The answer is remembered while no file of the checkpoint changes (name, size and modification time), so that
-    checking a checkpoint before the models load and again when the loop resumes reads its files once.
+    checking a checkpoint before the models load and again when the loop resumes reads its files once. A checkpoint
+    written before checksums existed has nothing to compare against: None (`find_checkpoint` warns of it).
     """
+    if not (path / CHECKSUMS_FILE).is_file():
+        return None
     stats = tuple(
         (p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()
     )
@@ -109,34 +113,38 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) 
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        return _newest_intact(output_dir)
-    path = Path(resume_from_checkpoint)
-    if not is_complete(path):
-        raise ConfigError(
-            f"--resume_from_checkpoint={str(path)!r} is not a complete checkpoint (no {CHECKSUMS_FILE}, which is "
-            f"written last); pass a {CHECKPOINT_PREFIX}N folder or 'latest'."
-        )
-    problem = damage(path)
-    if problem:
-        raise ConfigError(
-            f"--resume_from_checkpoint={str(path)!r} is damaged: {problem}. Resume from an earlier checkpoint "
-            "(--resume_from_checkpoint latest picks the newest intact one)."
+        path = _newest_intact(output_dir)
+    else:
+        path = Path(resume_from_checkpoint)
+        problem = _problem(path)
+        if problem:
+            raise ConfigError(
+                f"--resume_from_checkpoint={str(path)!r} cannot be resumed: {problem}. Pass another "
+                f"{CHECKPOINT_PREFIX}N folder, or 'latest' for the newest intact one."
+            )
+    if path is not None and not (path / CHECKSUMS_FILE).is_file():
+        logger.warning(
+            "%s has no %s (an earlier version wrote it): its files are not verified", path, CHECKSUMS_FILE
         )
     return path
 
 
+def _problem(path: Path) -> str | None:
+    """Why the checkpoint `path` cannot be resumed (incomplete, or naming its damaged file), or None."""
+    if not is_complete(path):
+        return f"{path} is not a complete checkpoint (no {CHECKSUMS_FILE}, which is written last)"
+    return damage(path)
+
+
 def _newest_intact(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint whose files match their checksums; warns of each newer one it skips."""
-    folders = numbered_folders(output_dir)
     problems = []
-    for path in reversed(folders):
-        problem = (
-            damage(path) if is_complete(path) else f"{path} has no {CHECKSUMS_FILE} (not written to the end)"
-        )
+    for path in reversed(numbered_folders(output_dir)):
+        problem = _problem(path)
         if problem is None:
             if problems:
                 logger.warning(
-                    "--resume_from_checkpoint latest: resuming from %s, the newest intact checkpoint", path
+                    "--resume_from_checkpoint latest: resuming from %s, the newest intact one", path
                 )
             return path
         logger.warning("--resume_from_checkpoint latest: skipping %s: %s", path.name, problem)

@@ -8,7 +8,9 @@ An --output_dir that already holds files is refused unless the command says what
 `--overwrite_output_dir` deletes only what a training run writes there: the checkpoints (`checkpoint-N`,
 `.tmp-checkpoint-N`), `train_config.yaml`, the logging folder, `validation/` and the task's export (each task's
 config lists it in `EXPORTED`). A cache a run can reuse (`CACHES`, e.g. `latent_cache/`, keyed by what produced it)
-is kept. Anything else (a file no training run writes) is never deleted: the command refuses and names it.
+is kept. Anything else (a file no training run writes) is never deleted: the command refuses and names it. It also
+refuses a folder without `train_config.yaml`, which every run writes first: a model folder (e.g. the base model's
+own, with its `unet/` and `model_index.json`) has the export's names but is no run's.
 
 `--resume_from_checkpoint latest` in a folder without any checkpoint starts a new run only when the folder holds no
 more than a run leaves before its first checkpoint; a finished run's export without checkpoints is refused as well.
@@ -78,6 +80,13 @@ def check_output_dir(cfg: LoopConfig) -> list[Path]:
                 f"--overwrite_output_dir deletes only what a training run writes, and --output_dir={str(out)!r} "
                 f"also holds {_names(foreign)}, which no {task} run writes: move them away, or pass another "
                 "--output_dir. Nothing was deleted."
+            )
+        if not (out / RUN_CONFIG_FILE).is_file():
+            raise ConfigError(
+                f"--overwrite_output_dir deletes only a training run's files, and --output_dir={str(out)!r} has no "
+                f"{RUN_CONFIG_FILE} (every run writes one first), so {_names(written)} may not be a run's (a model "
+                "folder has the same names): delete them yourself if they are, or pass another --output_dir. "
+                "Nothing was deleted."
             )
         resume = cfg.resume_from_checkpoint
         if resume not in (None, "latest") and out.resolve() in Path(resume).resolve().parents:

@@ -86,7 +86,9 @@ def resolve_model_files(cfg: T2IConfig) -> ModelFiles:
         path_or_id = getattr(cfg, flag)
         if path_or_id is None:
             return None
-        looks_local = Path(path_or_id).is_absolute() or path_or_id.startswith(".") or path_or_id.count("/") > 1
+        looks_local = (
+            Path(path_or_id).is_absolute() or path_or_id.startswith(".") or path_or_id.count("/") > 1
+        )
         if looks_local and not Path(path_or_id).is_dir():
             raise ConfigError(
                 f"--{flag}={path_or_id!r}: no such folder. Pass the path of a Stable Diffusion folder in the "
