@@ -152,7 +152,7 @@ def test_rows_without_a_caption_are_counted_and_too_many_refused(tmp_path, caplo
         )
     assert (
         "4 of 9 rows (44%) have no caption" in caplog.text
-        and "those rows have text in ['txt']" in caplog.text
+        and "those rows have text in ['txt'] (a misspelled caption key?)" in caplog.text
     )
 
     # a caption column that matches no row at all names the columns there are

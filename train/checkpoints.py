@@ -123,10 +123,16 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) 
                 f"{CHECKPOINT_PREFIX}N folder, or 'latest' for the newest intact one."
             )
     if path is not None and not (path / CHECKSUMS_FILE).is_file():
-        logger.warning(
-            "%s has no %s (an earlier version wrote it): its files are not verified", path, CHECKSUMS_FILE
+        _warn_once(
+            f"{path} has no {CHECKSUMS_FILE} (an earlier version wrote it): its files are not verified"
         )
     return path
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    """Log a warning once per process (the checkpoint is looked for before the models load and again to resume)."""
+    logger.warning(message)
 
 
 def _problem(path: Path) -> str | None:
@@ -143,11 +149,9 @@ def _newest_intact(output_dir: str | Path) -> Path | None:
         problem = _problem(path)
         if problem is None:
             if problems:
-                logger.warning(
-                    "--resume_from_checkpoint latest: resuming from %s, the newest intact one", path
-                )
+                _warn_once(f"--resume_from_checkpoint latest: resuming from {path}, the newest intact one")
             return path
-        logger.warning("--resume_from_checkpoint latest: skipping %s: %s", path.name, problem)
+        _warn_once(f"--resume_from_checkpoint latest: skipping {path.name}: {problem}")
         problems.append(problem)
     if problems:
         raise ConfigError(

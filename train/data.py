@@ -116,14 +116,14 @@ def count_missing_captions(dataset, cfg: LoopConfig) -> list[int]:
         f"{len(missing)} of {len(values)} rows ({share:.0%}) have no caption in --caption_column={column!r} "
         "(missing, null or empty)"
     )
-    hint = f"; those rows have text in {others}: a misspelled caption key?" if others else ""
+    hint = f"; those rows have text in {others} (a misspelled caption key?)" if others else ""
     if share > cfg.max_missing_captions:
         raise ConfigError(
             f"{what}{hint}. That is more than --max_missing_captions={cfg.max_missing_captions}: fix the captions, "
             f"pass the right --caption_column (the dataset's columns are {list(dataset.column_names)}), or raise "
             "--max_missing_captions to train those rows as the empty prompt."
         )
-    logger.warning("%s%s: they train as the empty prompt (rows %s)", what, hint, missing[:20])
+    logger.warning("%s: they train as the empty prompt (rows %s)%s", what, missing[:20], hint)
     return missing
 
 
