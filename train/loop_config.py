@@ -121,12 +121,11 @@ def check_flag(name: str, value: Any, annotation: Any, metadata: dict[str, Any])
 class LoopConfig:
     """The flags of the training loop that every script shares. Read-only once built."""
 
-    # What a task's export writes at the top of --output_dir, and the caches it keeps there (`train.output_dir`).
+    # What a task's export writes at the top of --output_dir, and the caches it keeps there (`train.output_dir`);
+    # whether its rows need a caption (those without one are counted: --max_missing_captions).
     EXPORTED: ClassVar[tuple[str, ...]] = ()
     CACHES: ClassVar[tuple[str, ...]] = ()
-    USES_CAPTIONS: ClassVar[bool] = (
-        True  # whether rows without a caption are counted (--max_missing_captions)
-    )
+    USES_CAPTIONS: ClassVar[bool] = True
 
     # ---- data ----------------------------------------------------------------------------------------------------
     dataset_name: str | None = flag(
