@@ -37,10 +37,12 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     Gradient accumulation is done by the loop itself (so the accumulator's own counter is 1). On a machine without
     a GPU `cpu=True` is passed, which is what lets `torchrun --nproc_per_node N` start a real N-process gloo run;
     a launcher that asked for several processes but produced one is an error rather than a silent single run.
+    fp16 on a CPU is refused (ConfigError) before anything starts.
     """
     use_cpu = not torch.cuda.is_available() and not (
         hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     )
+    check_mixed_precision(cfg, use_cpu)
     output_dir = Path(cfg.output_dir)
     log_with = None if cfg.report_to in (None, "none") else cfg.report_to
     if log_with == "tensorboard" and not is_tensorboard_available():
@@ -82,6 +84,25 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
         accelerator.mixed_precision,
     )
     return accelerator
+
+
+def check_mixed_precision(cfg: LoopConfig, use_cpu: bool) -> None:
+    """Refuse fp16 on a CPU (float16 matrix products and the gradient scaler need a GPU): bf16 or no work there.
+
+    The precision is --mixed_precision, else the accelerate config's (`accelerate launch` passes it in the
+    environment as ACCELERATE_MIXED_PRECISION).
+    """
+    from_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if use_cpu and (cfg.mixed_precision or from_config) == "fp16":
+        source = (
+            "--mixed_precision fp16"
+            if cfg.mixed_precision
+            else "the accelerate config's mixed_precision: fp16"
+        )
+        raise ConfigError(
+            f"{source} needs a GPU, and this machine has none: pass --mixed_precision bf16 (which CPUs support) or "
+            "--mixed_precision no."
+        )
 
 
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
