@@ -13,6 +13,7 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -138,10 +139,15 @@ def run_and_export(
         accelerator.end_training()
         return 1
     out = export(trainer)
+    speed = (  # the first step (warm-up) is not timed: a 1-step run has no speed to report
+        f"{result.images_per_second:.2f} images/s"
+        if math.isfinite(result.images_per_second)
+        else "speed not measured (too few steps)"
+    )
     logger.info(
-        "done: %d steps, %.2f images/s, final loss %.4f; exported to %s",
+        "done: %d steps, %s, final loss %.4f; exported to %s",
         result.global_step,
-        result.images_per_second,
+        speed,
         result.last_loss,
         out,
     )
