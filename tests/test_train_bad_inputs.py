@@ -51,7 +51,7 @@ T2I_BASE = ["--train_data_dir", "data", "--pretrained_model_name_or_path", "mode
 
 @pytest.mark.slow
 def test_a_run_into_an_earlier_runs_folder_is_refused_and_overwrite_starts_clean(
-    tmp_path, tiny_sd_dir, train_data, one_thread
+    tmp_path, tiny_sd_dir, train_data, one_thread, caplog
 ):
     out = tmp_path / "run"
     assert (
@@ -83,7 +83,10 @@ def test_a_run_into_an_earlier_runs_folder_is_refused_and_overwrite_starts_clean
 
     # it deletes the earlier run (every entry a run wrote is recognised): 'latest' then cannot resume the old run
     flags = dict(max_train_steps=1, checkpointing_steps=1)
-    assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, out, overwrite_output_dir=True, **flags)) == 0
+    with caplog.at_level(logging.INFO):
+        assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, out, overwrite_output_dir=True, **flags)) == 0
+    done = [r.getMessage() for r in caplog.records if "done: 1 steps" in r.getMessage()]
+    assert done and "speed not measured" in done[0] and "nan" not in done[0]  # a 1-step run times no step
     assert [p.name for p in train.checkpoints.list_checkpoints(out)] == ["checkpoint-1"]
     assert train.checkpoints.find_checkpoint(out, "latest") == out / "checkpoint-1"
     assert snapshot(out)["checkpoint-1/checksums.json"] != earlier["checkpoint-1/checksums.json"]
