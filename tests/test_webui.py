@@ -22,11 +22,13 @@ import PIL.Image
 import pytest
 import torch
 
+import pipelines
 from latentdiff.eval import shapesbench
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
 from latentdiff.webui import forms
 from latentdiff.webui.server import WebUIServer
-from latentdiff.webui.session import ModelSession, sampler_registry
+from latentdiff.webui.session import EDIT_PIPELINES, ModelSession, sampler_registry
+from pipelines.latent_pipeline import LatentPipeline
 from tests.test_lora import write_adapter
 
 PROMPT = "a large red circle in the top left on a black background"
@@ -294,6 +296,43 @@ def test_an_edit_says_it_is_not_available_in_this_version(server):
     assert status == 400 and json.loads(body)["field"] == "image"
 
 
+class RecordingEditPipeline(LatentPipeline):
+    """Stands in for an editing pipeline (diffusers' call: image, mask_image, strength): records what it is given
+    and draws text-to-image, so the panel's wiring is tested before the editing pipelines exist."""
+
+    calls: list[dict] = []
+
+    def __call__(self, prompt, image, strength, mask_image=None, **kwargs):
+        RecordingEditPipeline.calls.append({"image": image, "mask_image": mask_image, "strength": strength})
+        return super().__call__(prompt, **kwargs)
+
+
+@pytest.fixture
+def editing(monkeypatch):
+    """This version's `pipelines` with editing pipelines (the recording stand-in for both)."""
+    RecordingEditPipeline.calls.clear()
+    for name in EDIT_PIPELINES.values():
+        monkeypatch.setattr(pipelines, name, RecordingEditPipeline, raising=False)
+    return RecordingEditPipeline.calls
+
+
+def test_an_edit_with_a_mask_reaches_the_inpainting_pipeline(server, editing):
+    mask = PIL.Image.new("L", (64, 48))
+    mask.paste(255, (0, 0, 32, 24))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    mask_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    form = {**GOOD_FORM, "image": png_data_url((64, 48)), "mask": mask_url, "strength": "0.5"}
+    status, body = call(server, "/api/edit", form)
+    assert status == 202
+    job = wait_for(server, json.loads(body)["job"])
+    assert job["state"] == "done" and "Denoising strength: 0.5" in job["images"][0]["parameters"]
+    (given,) = editing
+    assert given["image"].size == (64, 48) and given["strength"] == 0.5
+    assert np.array_equal(np.asarray(given["mask_image"]), np.asarray(mask))
+    assert read_png(call(server, job["images"][0]["url"])[1]).size == (64, 48)
+
+
 # ------------------------------------------------------------------------------------ in a real browser
 
 CHROMIUM_FLAGS = (
@@ -407,3 +446,32 @@ def test_the_page_shows_bad_input_and_the_server_keeps_serving(browser, server):
     # the edit panel says this version cannot edit
     browser.find_element(By.ID, "tab-edit").click()
     assert "not available in this version" in browser.find_element(By.ID, "edit-unavailable").text
+
+
+@pytest.mark.slow
+def test_the_edit_panel_sends_the_upload_and_the_painted_mask(browser, server, editing, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    start = tmp_path / "start.png"
+    PIL.Image.new("RGB", (64, 64), (200, 30, 30)).save(start)
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-edit").click()
+    assert not browser.find_element(By.ID, "edit-unavailable").is_displayed()
+    browser.find_element(By.ID, "image").send_keys(str(start))
+    canvas = browser.find_element(By.ID, "mask-canvas")
+    WebDriverWait(browser, 30).until(lambda b: canvas.get_attribute("width") == "64")  # the upload is drawn
+    # drag across the top-left quarter: 256 CSS px show 64 image px, offsets are from the canvas centre
+    ActionChains(browser).move_to_element_with_offset(canvas, -100, -100).click_and_hold().move_by_offset(
+        60, 60
+    ).release().perform()
+    generate_in_page(browser, {"prompt": PROMPT, "steps": "2"})
+    wait_for_result_or_error(browser, 1)
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    (given,) = editing
+    assert np.array_equal(np.asarray(given["image"]), np.asarray(PIL.Image.open(start)))
+    mask = np.asarray(given["mask_image"])
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    assert mask[10, 10] == 255 and mask[20, 20] == 255  # the stroke from (7, 7) to (22, 22), 6 px wide
+    assert mask[48:, :].max() == 0 and mask[:, 48:].max() == 0  # the rest is kept

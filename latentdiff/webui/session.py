@@ -197,6 +197,7 @@ class ModelSession:
             extra["mask_image"] = request.mask
         pipe = self.load()
         editor = pipeline_class(pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
+        editor.set_progress_bar_config(disable=True)
         return self._sample(request.settings, progress, extra, editor, {"strength": str(request.strength)})
 
     def _sample(

@@ -166,17 +166,26 @@ function loadUpload() {
   reader.readAsDataURL(file);
 }
 
+let stroke = null; // the brush's last point in image pixels, while the button is held
+
 function paint(event) {
-  if (event.buttons !== 1 || $("brush").disabled) return;
+  if (event.buttons !== 1 || $("brush").disabled) {
+    stroke = null;
+    return;
+  }
   const canvas = $("mask-canvas");
   const box = canvas.getBoundingClientRect();
-  const x = ((event.clientX - box.left) * canvas.width) / box.width;
-  const y = ((event.clientY - box.top) * canvas.height) / box.height;
+  const point = [
+    ((event.clientX - box.left) * canvas.width) / box.width,
+    ((event.clientY - box.top) * canvas.height) / box.height,
+  ];
   const context = canvas.getContext("2d");
-  context.fillStyle = "#f00";
+  Object.assign(context, { strokeStyle: "#f00", lineWidth: Number($("brush").value), lineCap: "round" });
   context.beginPath();
-  context.arc(x, y, Number($("brush").value) / 2, 0, 2 * Math.PI);
-  context.fill();
+  context.moveTo(...(stroke || point));
+  context.lineTo(...point);
+  context.stroke();
+  stroke = point;
   maskPainted = true;
 }
 
@@ -210,6 +219,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("image").addEventListener("change", loadUpload);
   $("mask-canvas").addEventListener("pointerdown", paint);
   $("mask-canvas").addEventListener("pointermove", paint);
+  $("mask-canvas").addEventListener("pointerup", () => {
+    stroke = null;
+  });
   $("clear-mask").addEventListener("click", () => {
     const canvas = $("mask-canvas");
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
