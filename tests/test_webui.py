@@ -194,6 +194,7 @@ def test_the_sampler_switches_per_request_and_back(session):
     assert type(session.load().scheduler) is DDIMScheduler
     ddpm = image("ddpm")
     assert type(session.load().scheduler) is DDPMScheduler and not np.array_equal(ddim, ddpm)
+    assert session.defaults()["sampler"] == "ddim"  # the page still starts at the folder's sampler
     assert np.array_equal(image("ddim"), ddim)
 
 
@@ -303,7 +304,9 @@ class RecordingEditPipeline(LatentPipeline):
     calls: list[dict] = []
 
     def __call__(self, prompt, image, strength, mask_image=None, **kwargs):
-        RecordingEditPipeline.calls.append({"image": image, "mask_image": mask_image, "strength": strength})
+        RecordingEditPipeline.calls.append(
+            {"image": image, "mask_image": mask_image, "strength": strength, "sampler": type(self.scheduler)}
+        )
         return super().__call__(prompt, **kwargs)
 
 
@@ -322,13 +325,20 @@ def test_an_edit_with_a_mask_reaches_the_inpainting_pipeline(server, editing):
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     mask_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    form = {**GOOD_FORM, "image": png_data_url((64, 48)), "mask": mask_url, "strength": "0.5"}
+    form = {
+        **GOOD_FORM,
+        "image": png_data_url((64, 48)),
+        "mask": mask_url,
+        "strength": "0.5",
+        "sampler": "ddpm",
+    }
     status, body = call(server, "/api/edit", form)
     assert status == 202
     job = wait_for(server, json.loads(body)["job"])
     assert job["state"] == "done" and "Denoising strength: 0.5" in job["images"][0]["parameters"]
     (given,) = editing
     assert given["image"].size == (64, 48) and given["strength"] == 0.5
+    assert given["sampler"] is DDPMScheduler  # the sampler the form asked for
     assert np.array_equal(np.asarray(given["mask_image"]), np.asarray(mask))
     assert read_png(call(server, job["images"][0]["url"])[1]).size == (64, 48)
 

@@ -102,7 +102,7 @@ class ModelSession:
         self._pipe = None
         self._load_lock = threading.Lock()
         self._adapter_names: dict[str, str] = {}  # adapter (file) name -> the pipeline's adapter name
-        self._scheduler_config = None
+        self._folder_scheduler = None
         self.load_error: str | None = None  # why loading failed, once it has
 
     @property
@@ -130,7 +130,9 @@ class ModelSession:
                     raise ValueError(self.load_error) from error
                 pipe.to(device=self.device)
                 pipe.set_progress_bar_config(disable=True)
-                self._scheduler_config = pipe.scheduler.config
+                self._folder_scheduler = (
+                    pipe.scheduler
+                )  # requests swap pipe.scheduler; defaults read this one
                 self._pipe = pipe
                 logger.info("loaded %s", self.model_name)
             return self._pipe
@@ -159,11 +161,11 @@ class ModelSession:
     def defaults(self) -> dict[str, Any]:
         """The form's starting values: the settings the model carries (`pipe.sampling_settings`, when this version's
         pipeline reads them from the folder), else FALLBACK_*, the sampler its folder names, its native size."""
-        pipe = self.load()
-        carried = getattr(pipe, "sampling_settings", None)
+        carried = getattr(self.load(), "sampling_settings", None)
         registry = sampler_registry()
         folder_sampler = next(
-            (n for n, c in registry.items() if type(pipe.scheduler) is c), next(iter(registry))
+            (name for name, cls in registry.items() if type(self._folder_scheduler) is cls),
+            next(iter(registry)),
         )
         side = self.native_side()
         return {
@@ -180,33 +182,20 @@ class ModelSession:
 
     def text_to_image(self, request: TextToImage, progress: Progress | None = None) -> list[GeneratedImage]:
         """Sample `request.num_images` images (image i with seed + i, as `latentdiff generate`)."""
-        return self._sample(request, progress, {})
+        return self._sample(request, progress)
 
     def edit(self, request: EditImage, progress: Progress | None = None) -> list[GeneratedImage]:
         """Image-to-image (no mask) or inpainting (mask) with the editing pipelines, in diffusers' call signature.
 
         Raises NotImplementedError when this version has no editing pipelines."""
-        kind = "inpaint" if request.mask is not None else "img2img"
-        pipeline_class = editing_pipeline(kind)
-        if pipeline_class is None:
+        if editing_pipeline("inpaint" if request.mask is not None else "img2img") is None:
             raise NotImplementedError(
                 "image-to-image and inpainting are not available in this version of latentdiff."
             )
-        extra = {"image": request.image, "strength": request.strength}
-        if request.mask is not None:
-            extra["mask_image"] = request.mask
-        pipe = self.load()
-        editor = pipeline_class(pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
-        editor.set_progress_bar_config(disable=True)
-        return self._sample(request.settings, progress, extra, editor, {"strength": str(request.strength)})
+        return self._sample(request.settings, progress, request)
 
     def _sample(
-        self,
-        request: TextToImage,
-        progress: Progress | None,
-        extra: dict[str, Any],
-        runner=None,
-        extra_settings: dict[str, str] | None = None,
+        self, request: TextToImage, progress: Progress | None, edit: EditImage | None = None
     ) -> list[GeneratedImage]:
         import torch
 
@@ -214,12 +203,23 @@ class ModelSession:
         self._use_sampler(request.sampler)
         self._use_adapters(request.loras)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        settings = self._settings(request)
+        runner, extra = pipe, {}
+        if edit is not None:  # an editing pipeline over the same parts, the sampler just chosen included
+            runner = editing_pipeline("inpaint" if edit.mask is not None else "img2img")(
+                pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer
+            )
+            runner.set_progress_bar_config(disable=True)
+            extra = {"image": edit.image, "strength": edit.strength}
+            if edit.mask is not None:
+                extra["mask_image"] = edit.mask
+            settings["strength"] = str(edit.strength)
 
         def on_step_end(pipeline, i: int, t, tensors: dict) -> None:
             if progress is not None:
                 progress(i + 1, len(pipeline.scheduler.timesteps))
 
-        images = (runner or pipe)(
+        images = runner(
             request.prompt,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,
@@ -231,14 +231,13 @@ class ModelSession:
             callback_on_step_end=on_step_end,
             **extra,
         ).images
-        settings = self._settings(request) | (extra_settings or {})
         return [_encode(image, {**settings, "seed": str(seed + i)}) for i, image in enumerate(images)]
 
     def _use_sampler(self, name: str) -> None:
         pipe = self.load()
         sampler_class = sampler_registry()[name]
         if type(pipe.scheduler) is not sampler_class:
-            pipe.scheduler = sampler_class.from_config(self._scheduler_config)
+            pipe.scheduler = sampler_class.from_config(self._folder_scheduler.config)
 
     def _use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Load each requested adapter once (kept loaded), then apply exactly the requested ones."""
