@@ -11,7 +11,10 @@ import base64
 import http.client
 import io
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -284,6 +287,30 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server, monkeyp
     monkeypatch.undo()
     job = wait_for(server, json.loads(call(server, "/api/txt2img", GOOD_FORM)[1])["job"])
     assert job["state"] == "done"
+
+
+def test_latentdiff_serve_serves_the_page_and_names_a_busy_port(server, tmp_path):
+    command = [sys.executable, "-m", "latentdiff.cli", "serve", "--port"]
+    busy = subprocess.run(
+        [*command, str(server.server_address[1])], capture_output=True, text=True, timeout=120
+    )
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{server.server_address[1]}" in busy.stderr
+    no_folder = subprocess.run(
+        [*command, "0", "--lora-dir", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert (
+        no_folder.returncode == 2
+        and "--lora-dir" in no_folder.stderr
+        and "is not a folder" in no_folder.stderr
+    )
+    process = subprocess.Popen([*command, "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+/", process.stderr.readline())[0]
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            assert answer.status == 200 and b"<title>latentdiff</title>" in answer.read()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_an_edit_says_it_is_not_available_in_this_version(server):

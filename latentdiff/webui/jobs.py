@@ -64,10 +64,12 @@ class JobQueue:
         self._first = first
         self._worker.start()
 
-    def stop(self) -> None:
-        """Finish the running job, then end the worker."""
-        self._queue.put(None)
-        self._worker.join()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the worker end after the running job, waiting up to `timeout` seconds (it is a daemon thread: the
+        process may exit while it still samples)."""
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout)
 
     def submit(self, run: Callable[[Callable[[int, int], None]], list[Any]]) -> Job:
         with self._lock:

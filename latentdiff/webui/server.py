@@ -65,12 +65,12 @@ class WebUIServer(ThreadingHTTPServer):
         self, session: ModelSession, host: str = "127.0.0.1", port: int = 7860, max_body: int = MAX_BODY
     ):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.jobs = JobQueue()  # before binding: a failed bind calls server_close
         super().__init__((host, port), RequestHandler)
         self.session = session
         self.max_body = max_body
         self.loopback_only = host in LOOPBACK_HOSTS
         self.static = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_TYPES}
-        self.jobs = JobQueue()
         self.jobs.start(first=session.load)
 
     @property
@@ -267,7 +267,13 @@ def serve(
         raise FileNotFoundError(
             f"--lora-dir {lora_dir!r} is not a folder; pass the folder that holds your adapters."
         )
-    server = WebUIServer(ModelSession(model, lora_dir, device), host, port)
+    try:
+        server = WebUIServer(ModelSession(model, lora_dir, device), host, port)
+    except OSError as error:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); pick another --port (0: any free one) "
+            "or stop what uses it."
+        ) from None
     print(
         f"latentdiff serve: {server.url} (model: {server.session.model_name}; Ctrl-C stops)", file=sys.stderr
     )
