@@ -280,6 +280,11 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server, monkeyp
         "/api/images/x/0.png",
     ):
         assert call(server, path)[0] == 404
+    # an unexpected failure in a handler is a 500 with a message, then the server answers as before
+    monkeypatch.setattr(server.session, "choices", lambda: 1 / 0)
+    status, body = call(server, "/api/txt2img", GOOD_FORM)
+    assert status == 500 and json.loads(body)["error"].startswith("server: internal error (division by zero)")
+    monkeypatch.undo()
     # a failure inside the pipeline ends that job with a message; the next job runs
     monkeypatch.setattr(server.session, "_use_sampler", lambda name: 1 / 0)
     job = wait_for(server, json.loads(call(server, "/api/txt2img", GOOD_FORM)[1])["job"])

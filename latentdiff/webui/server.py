@@ -90,8 +90,26 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "latentdiff-serve"
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def _guarded(self, route) -> None:
+        """Answer only localhost (when listening there); an unexpected error is a 500 JSON answer and a log entry."""
         if not self._host_allowed():
             return
+        try:
+            route()
+        except ConnectionError:  # the browser went away
+            pass
+        except Exception as error:
+            logger.exception("%s %s failed", self.command, self.path)
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "server", f"internal error ({error}); see the server log."
+            )
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/":
             path = "/static/index.html"
@@ -114,9 +132,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, job.results[index].png, "image/png")
         self._error(HTTPStatus.NOT_FOUND, "path", f"nothing at {path!r}.")
 
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._host_allowed():
-            return
+    def _post(self) -> None:
         handlers = {"/api/txt2img": submit_text_to_image, "/api/edit": submit_edit}
         handler = handlers.get(self.path)
         if handler is None:

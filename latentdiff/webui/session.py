@@ -155,7 +155,7 @@ class ModelSession:
             adapters=tuple(list_adapters(self.lora_dir)),
             size_multiple=vae_scale_factor(pipe.vae) * pipe.unet.downsample_factor,
             max_side=MAX_SIDE_FACTOR * self.native_side(),
-            max_steps=pipe.scheduler.config.num_train_timesteps,
+            max_steps=self._folder_scheduler.config.num_train_timesteps,
         )
 
     def defaults(self) -> dict[str, Any]:
