@@ -13,15 +13,14 @@ from other processes hits both alike; the table gives the median wall time per i
 (< 1: latentdiff is faster), and the ratio of the fastest calls (less sensitive to a loaded machine). The images of
 the two pipelines are compared first (max |Δ| on [0, 1]).
 
-    python benchmarks/bench_pipeline.py                 # 2 threads, 7 calls each per batch size
-    python benchmarks/bench_pipeline.py --repeats 3     # quicker
+    python -m benchmarks.bench_pipeline                 # 2 threads, 7 calls each per batch size
+    python -m benchmarks.bench_pipeline --repeats 3     # quicker
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.conftest's offline tokenizer builder
-
-from tests.conftest import build_tiny_clip_tokenizer  # noqa: E402
+from tests.conftest import build_tiny_clip_tokenizer  # run as a module from the repository root
 
 PROMPTS = [
     "a small red circle in the top left on a black background",

@@ -17,9 +17,9 @@ wrapper that returns `.sample`), and latentdiff's UNet with --cache_latents (the
 run; its build time is printed). Runs alternate (ours, diffusers, cached, cached, diffusers, ours, ...) and the
 median over repeats is reported, so load from other processes hits all rows alike.
 
-    python benchmarks/bench_train.py                          # both models, batch 8, 6 steps, 2 repeats
-    python benchmarks/bench_train.py --threads 1              # on a machine shared with other jobs
-    python benchmarks/bench_train.py --models shapes --repeats 1 --steps 3
+    python -m benchmarks.bench_train                          # both models, batch 8, 6 steps, 2 repeats
+    python -m benchmarks.bench_train --threads 1              # on a machine shared with other jobs
+    python -m benchmarks.bench_train --models shapes --repeats 1 --steps 3
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +37,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))  # the training scripts' modules
-sys.path.insert(0, str(ROOT))  # tests.conftest's offline tokenizer builder
-
-from config import TrainConfig  # noqa: E402
-from t2i import TextToImageTask, build_models, load_data  # noqa: E402
-from trainer import Trainer, make_accelerator  # noqa: E402
-
-from tests.conftest import build_tiny_clip_tokenizer  # noqa: E402
+from tests.conftest import build_tiny_clip_tokenizer  # run as a module from the repository root
+from train.data import load_data
+from train.launch import make_accelerator
+from train.loop import Trainer
+from train.tasks.t2i import TextToImageTask
+from train.tasks.t2i_config import T2IConfig
+from train.tasks.t2i_models import build_models, resolve_model_files
 
 MODELS = {
     "shapes": {"vae_channels": (32, 64, 64), "vae_layers": 1, "image_size": 64},
@@ -137,7 +134,7 @@ class DiffusersUNet(torch.nn.Module):
 
 def train_once(model: Path, data: Path, out: Path, unet: str, cache: bool, args, image_size: int) -> float:
     """One run of the loop; returns its images/s."""
-    cfg = TrainConfig(
+    cfg = T2IConfig(
         pretrained_model_name_or_path=str(model),
         train_data_dir=str(data),
         output_dir=str(out),
@@ -155,7 +152,7 @@ def train_once(model: Path, data: Path, out: Path, unet: str, cache: bool, args,
         seed=0,
     )
     accelerator = make_accelerator(cfg)
-    models = build_models(cfg, accelerator.device, torch.float32)
+    models = build_models(cfg, resolve_model_files(cfg), accelerator.device, torch.float32)
     if unet == "diffusers":
         models.unet = DiffusersUNet(model).train()
     task = TextToImageTask(cfg, models, accelerator, seed=0)

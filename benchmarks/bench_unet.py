@@ -17,8 +17,8 @@ The config is the first row of shared/FEASIBILITY.md: block_out_channels (64, 12
 level, cross-attention on the two upper levels and in the middle, 8 heads, cross_attention_dim 128, 4 latent
 channels; text length 77.
 
-    python benchmarks/bench_unet.py            # 7 timed repeats per case
-    python benchmarks/bench_unet.py --quick    # 3 timed repeats per case
+    python -m benchmarks.bench_unet            # 7 timed repeats per case
+    python -m benchmarks.bench_unet --quick    # 3 timed repeats per case
 """
 
 from __future__ import annotations

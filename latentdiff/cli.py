@@ -1,4 +1,4 @@
-"""The `latentdiff` command line: `latentdiff generate | make-dataset | bench | serve`.
+"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench | serve`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
 inside the command that needs them, so `latentdiff --help` is instant.
@@ -13,6 +13,12 @@ from pathlib import Path
 
 from latentdiff import __version__
 
+# latentdiff.schedulers.registry.SAMPLERS's names, listed here so that `--help` imports no torch (a test keeps the two
+# equal)
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLER_HELP = "sampler (default: the model's own, from its scheduler_config.json)"
+KARRAS_HELP = "Karras et al. 2022 noise levels (euler, heun, dpmpp_2m, dpmpp_2m_sde)"
+
 
 def _lora_spec(text: str) -> tuple[str, float]:
     """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
@@ -25,7 +31,20 @@ def _lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _best_device() -> str:
+    """cuda, then mps, then cpu: the fastest device this machine has."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from latentdiff.generate import generate
 
     paths = generate(
@@ -40,11 +59,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         sampler=args.sampler,
+        karras=args.karras,
         eta=args.eta,
         loras=[_lora_spec(spec) for spec in args.lora],
+        device=args.device or _best_device(),
+        torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     for path in paths:
         print(f"saved {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from latentdiff.convert import convert_single_file
+
+    out = convert_single_file(args.checkpoint, args.out, args.config, args.original_config, args.offline)
+    print(f"saved {out} (load it with LatentPipeline.from_pretrained or latentdiff generate --model)")
     return 0
 
 
@@ -70,8 +100,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
+
+    if args.sampler is not None:
+        check_sampler(args.sampler, args.karras)
 
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
@@ -80,9 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = shapesbench.bench_prompts(groups)
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, args.karras)
     for path, scale in (_lora_spec(spec) for spec in args.lora):
         pipe.load_lora_weights(path, scale=scale)
 
@@ -94,7 +125,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = {
         "model": args.model or "embedded default",
-        "sampler": args.sampler,
+        "sampler": args.sampler or type(pipe.scheduler).__name__,
+        "karras": args.karras,
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "lora": args.lora,
@@ -141,12 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
+    gen.add_argument(
+        "--device",
+        choices=["cuda", "mps", "cpu"],
+        default=None,
+        help="where to run (default: cuda, mps or cpu)",
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="weights dtype (default float32)",
+    )
     gen.set_defaults(func=_cmd_generate)
+
+    convert = commands.add_parser(
+        "convert", help="convert a single-file SD checkpoint into the diffusers layout"
+    )
+    convert.add_argument("checkpoint", help="the .safetensors file (keys model.diffusion_model.*, ...)")
+    convert.add_argument("out", help="the folder to write (must not exist)")
+    convert.add_argument(
+        "--config",
+        default=None,
+        help="diffusers folder or hub id of the same architecture (configs, tokenizer)",
+    )
+    convert.add_argument("--original-config", default=None, help="the checkpoint's original LDM YAML config")
+    convert.add_argument(
+        "--offline", action="store_true", help="never reach the hub (--config must be a folder)"
+    )
+    convert.set_defaults(func=_cmd_convert)
 
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")
@@ -176,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
     bench.add_argument("--steps", type=int, default=25)
     bench.add_argument("--guidance", type=float, default=5.0)
-    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    bench.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     bench.add_argument(
         "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
     )
@@ -203,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default: this machine only; 0.0.0.0: everyone)",
     )
     serve.add_argument("--lora-dir", default=None, help="a folder of LoRA adapters the page may apply")
-    serve.add_argument("--device", default="cpu", help="where to sample: cpu, cuda, ...")
+    serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best there is)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

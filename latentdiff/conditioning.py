@@ -17,6 +17,7 @@ works on latents already scaled.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -65,8 +66,12 @@ def encode_prompts(
 
 
 def vae_scale_factor(vae) -> int:
-    """Pixels per latent pixel along a side: 2 ** (number of VAE levels - 1), from the VAE's config (8 for SD)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent pixel along a side: 2 ** (number of VAE levels - 1), from the VAE's config (8 for SD).
+
+    `vae` is a `diffusers.AutoencoderKL` or its config.json dict (read before any weight is loaded).
+    """
+    config = vae if isinstance(vae, dict) else vae.config  # diffusers' config is a dict as well
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _shift_factor(vae) -> float:
@@ -94,6 +99,25 @@ def encode_images(
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mean
     return (latents - _shift_factor(vae)) * vae.config.scaling_factor
+
+
+def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of `images` in latent units: (mean, logvar) of z = (E(x) − shift) · scaling_factor.
+
+    Args:
+        vae: a `diffusers.AutoencoderKL`.
+        images: (B, 3, H, W) in [-1, 1].
+
+    Returns:
+        mean (B, C, h, w) = (μ − shift)·s and logvar (B, C, h, w) = log σ² + 2 log s, float32, where N(μ, σ²) is
+        the VAE's posterior and s its scaling factor; z = mean + exp(logvar / 2)·ε is distributed as
+        `encode_images(vae, images, sample=True)`.
+    """
+    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    scale = float(vae.config.scaling_factor)
+    mean = (posterior.mean.float() - _shift_factor(vae)) * scale
+    logvar = posterior.logvar.float() + 2.0 * math.log(scale)
+    return mean, logvar
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -2,22 +2,21 @@
 
 It checks every argument (and that the output folder exists) before loading a model, seeds one generator per image
 (image i of a batch is the image a single run with seed + i gives), and writes the prompt, seed and settings into
-each PNG's text chunks so any image can be made again.
+each PNG's text chunks (and in the web UIs' `parameters` chunk) so any image can be made again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from latentdiff.images import image_grid, png_text
 
-SAMPLERS = ("ddim", "ddpm")
+logger = logging.getLogger(__name__)
 
 
 def generate(
@@ -31,7 +30,8 @@ def generate(
     num_images: int = 1,
     height: int | None = None,
     width: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
+    karras: bool = False,
     eta: float = 0.0,
     loras: Sequence[str | Path | tuple[str | Path, float]] = (),
     grid: bool = True,
@@ -51,18 +51,21 @@ def generate(
         num_images: how many images; with several, `grid=True` writes one grid at `output`, `grid=False` writes
             numbered files `<stem>-1.png ... <stem>-N.png` beside it.
         height, width: pixels (default: the model's native size).
-        sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
+        sampler: one of ddim, ddpm, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde (each built on the model's
+            scheduler config: its training schedule), or None for the model's own sampler; eta: DDIM's η.
+        karras: space the noise levels by Karras et al. 2022 (euler, heun, dpmpp_2m, dpmpp_2m_sde).
         loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
 
     Returns:
         The paths written.
     """
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
-    from pipelines.latent_pipeline import DEFAULT_MODEL_DIR, LatentPipeline
+    from latentdiff.default_model import DEFAULT_MODEL_DIR
+    from latentdiff.schedulers.registry import choose_sampler
+    from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
-    _check_arguments(output, steps, num_images, sampler, eta)
+    _check_arguments(output, steps, num_images, sampler, karras, eta)
     if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ValueError(
             f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
@@ -76,13 +79,9 @@ def generate(
         LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
     )
     pipe.to(device=device, dtype=torch_dtype)
-    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
-        if not hasattr(pipe, "load_lora_weights"):
-            raise NotImplementedError("loras: this LatentPipeline has no load_lora_weights yet.")
         pipe.load_lora_weights(path, scale=scale)
 
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
@@ -103,35 +102,30 @@ def generate(
         "negative_prompt": negative or "",
         "model": str(model or "embedded default"),
     }
-    settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
+    settings.update(
+        steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
+    )
+    settings.update(karras=str(karras), eta=str(eta))
+    settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
         seeds = str(seed) if num_images == 1 else f"{seed}..{seed + num_images - 1} (row by row)"
-        image.save(output, pnginfo=_png_text({**settings, "seed": seeds}))
+        image.save(output, pnginfo=png_text({**settings, "seed": seeds}))
         return [output]
     paths = []
     for i, image in enumerate(images):
         path = output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
-        image.save(path, pnginfo=_png_text({**settings, "seed": str(seed + i)}))
+        image.save(path, pnginfo=png_text({**settings, "seed": str(seed + i)}))
         paths.append(path)
     return paths
 
 
-def image_grid(images: list) -> object:
-    """Tile PIL images of one size into a near-square grid (columns = ceil(sqrt(n))), row by row."""
-    import PIL.Image
-
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = PIL.Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
-def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, eta: float) -> None:
+def _check_arguments(
+    output: Path, steps: int, num_images: int, sampler: str | None, karras: bool, eta: float
+) -> None:
     """Everything that can be checked without a model, so a typo fails in a second, not after loading."""
+    from latentdiff.schedulers.registry import check_sampler
+
     if output.is_dir():
         raise ValueError(
             f"output={str(output)!r} is a folder; pass a file name in it, e.g. {str(output / 'out.png')!r}."
@@ -149,17 +143,7 @@ def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, et
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be an int >= 1.")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    if sampler is not None:
+        check_sampler(sampler, karras)
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0.")
-
-
-def _png_text(settings: dict[str, str]):
-    """PNG text chunks holding the settings that made an image."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in settings.items():
-        info.add_text(key, value)
-    return info

@@ -17,9 +17,11 @@ place they meet.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,34 +31,21 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
+from latentdiff.default_model import DEFAULT_MODEL_DIR
+from latentdiff.hub import SUBFOLDERS, local_folder
 from latentdiff.models.unet import ConditionalUNet
-from latentdiff.schedulers import DDIMScheduler
+from latentdiff.schedulers.registry import scheduler_from_folder_config
+from pipelines.classifier_guidance import (
+    alpha_prod_at,
+    check_class_labels,
+    guide_model_output,
+    log_prob_gradient,
+)
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
 
-# The embedded default model shipped inside the package (see DESIGN.md, "The embedded default").
-DEFAULT_MODEL_DIR = Path(latentdiff.__file__).parent / "assets" / "default"
-
-# The diffusers Stable Diffusion folder layout: model_index.json and one subfolder per part.
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Sampler configs read as this project's DDIM without a note: they share DDIM's training schedule keys.
-DDIM_COMPATIBLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
-# Files fetched from the hub: configs, tokenizer files and safetensors weights, no duplicate variants.
-HUB_ALLOW_PATTERNS = ["model_index.json", *(f"{name}/*" for name in SUBFOLDERS)]
-HUB_IGNORE_PATTERNS = [
-    "*.bin",
-    "*.ckpt",
-    "*.msgpack",
-    "*.onnx",
-    "*.pb",
-    "*.h5",
-    "*fp16*",
-    "*non_ema*",
-    "*.ema.*",
-]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -107,10 +96,17 @@ class LatentPipeline(LoraMixin):
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
-    Diffusion folder.
+    Diffusion folder. A prompt given at construction, `LatentPipeline("a red circle")()` (or `prompt=` with the
+    parts), is used by calls that name none; a model path there is refused with a pointer to `from_pretrained`.
     """
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None) -> None:
+    def __init__(
+        self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, prompt=None
+    ) -> None:
+        # LatentPipeline("a prompt"): the embedded default, with that prompt
+        if isinstance(unet, str | list | tuple):
+            unet, prompt = None, _constructor_prompt(unet, prompt)
+        self.prompt = prompt
         parts = {
             "unet": unet,
             "scheduler": scheduler,
@@ -154,18 +150,23 @@ class LatentPipeline(LoraMixin):
                 `huggingface_hub.snapshot_download` (configs and safetensors weights only) when no such folder
                 exists locally.
             torch_dtype: dtype of the UNet, VAE and text encoder (default float32).
-            scheduler: a sampler to use instead of the folder's; by default the folder's scheduler config (DDPM,
-                DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`.
+            scheduler: a sampler to use instead of the folder's (this project's or any diffusers scheduler); by
+                default the folder's scheduler config loads this project's sampler of that name (Euler, Euler
+                ancestral, Heun, DPM-Solver multistep), and DDPM, DDIM or PNDM configs (as SD ships) load its
+                `DDIMScheduler` (see `latentdiff.schedulers.registry.scheduler_from_folder_config`).
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write the diffusers Stable Diffusion layout: `model_index.json` and one subfolder per part.
+    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
+        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, and a model card
+        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`).
 
         diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
         format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
         """
         import diffusers
+
+        from latentdiff.model_card import CARD_NAME, pipeline_card
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,7 @@ class LatentPipeline(LoraMixin):
             "vae": ["diffusers", type(self.vae).__name__],
         }
         (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        (directory / CARD_NAME).write_text(model_card or pipeline_card(directory))
 
     # ------------------------------------------------------------------------------------- device and bars
 
@@ -230,11 +232,15 @@ class LatentPipeline(LoraMixin):
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Callable[..., dict | None] | None = None,
+        classifier: torch.nn.Module | None = None,
+        classifier_guidance_scale: float = 1.0,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None = None,
     ) -> PipelineOutput:
         """Generate images from text.
 
         Args:
-            prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given).
+            prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given); default: the prompt
+                given at construction.
             negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
                 empty prompt. Only used when guidance_scale > 1.
             num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
@@ -249,14 +255,24 @@ class LatentPipeline(LoraMixin):
                 here); default: drawn from `generator`.
             prompt_embeds: (P, L, D) text embeddings instead of `prompt`.
             negative_prompt_embeds: (P, L, D) instead of `negative_prompt`.
-            eta: η of DDIM (0 deterministic, 1 DDPM-like variance); passed to the sampler's step.
+            eta: η of DDIM (0 deterministic, 1 DDPM-like variance); passed to the sampler's step when it takes
+                one (any diffusers scheduler drives the loop: it gets only the keywords its step accepts).
             output_type: "pil", "np", "pt" or "latent" (see `PipelineOutput`).
             callback_on_step_end: called as f(pipeline, i, t, {"latents": z}) after step i; may return a dict
                 whose "latents" replaces z.
+            classifier: a noise-aware classifier p_φ(y | z_t) on latents (`latentdiff.models.classifier`) for
+                classifier guidance (Dhariwal & Nichol 2021): each step's model output is shifted by
+                s·√(1 − ᾱ_t)·∇ log p_φ(y | z_t) in the noise-prediction form (`pipelines.classifier_guidance`),
+                after classifier-free guidance.
+            classifier_guidance_scale: s; 0 turns classifier guidance off.
+            class_labels: the target y, {attribute: class index, or a list of B}, one entry per attribute the
+                classifier predicts (e.g. {"color": 2, "shape": 0, "cell": 4}); needed with `classifier`.
 
         Returns:
             PipelineOutput with `.images`.
         """
+        if prompt is None and prompt_embeds is None:
+            prompt = self.prompt  # the prompt given at construction, if any
         do_guidance = guidance_scale > 1.0
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
@@ -264,18 +280,19 @@ class LatentPipeline(LoraMixin):
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
         batch_size = cond.shape[0] * num_images_per_prompt
+        labels = self._class_labels(classifier, classifier_guidance_scale, class_labels, batch_size)
         # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
         context = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
             context = torch.cat([uncond.repeat_interleave(num_images_per_prompt, dim=0), context])
-        latents = self._initial_latents(batch_size, height, width, generator, latents)
-
+        # timesteps first: a σ-sampler's init_noise_sigma is its first σ, which set_timesteps chooses
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        step_generator = None if isinstance(generator, list) else generator
+        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        step_kwargs, per_image_noise = self._step_kwargs(generator, eta)
         with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                scaled_latents = self.scheduler.scale_model_input(latents, t)  # z_t as the model sees it
+                model_input = torch.cat([scaled_latents, scaled_latents]) if do_guidance else scaled_latents
                 model_output = self.unet(model_input, t, context)
                 if do_guidance:
                     model_output_uncond, model_output_cond = model_output.chunk(2)
@@ -284,13 +301,20 @@ class LatentPipeline(LoraMixin):
                     )
                     if guidance_rescale > 0.0:
                         model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
-                # per-image generators: draw the step's noise here, image by image
-                variance_noise = None
-                if isinstance(generator, list):
-                    variance_noise = randn(latents.shape, generator, latents.device, latents.dtype)
-                latents = self.scheduler.step(
-                    model_output, t, latents, eta=eta, generator=step_generator, variance_noise=variance_noise
-                ).prev_sample
+                if labels is not None:
+                    gradient = log_prob_gradient(classifier, scaled_latents, t, labels)
+                    model_output = guide_model_output(
+                        model_output,
+                        gradient,
+                        alpha_prod_at(self.scheduler.alphas_cumprod, t),
+                        self.scheduler.config.prediction_type,
+                        classifier_guidance_scale,
+                    )
+                if per_image_noise:  # per-image generators: draw the step's noise here, image by image
+                    step_kwargs["variance_noise"] = randn(
+                        latents.shape, generator, latents.device, latents.dtype
+                    )
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     replaced = callback_on_step_end(self, i, t, {"latents": latents})
                     if replaced:
@@ -299,6 +323,46 @@ class LatentPipeline(LoraMixin):
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _class_labels(
+        self,
+        classifier: torch.nn.Module | None,
+        scale: float,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None,
+        batch_size: int,
+    ) -> dict[str, torch.Tensor] | None:
+        """The target labels as (B,) tensors when classifier guidance is on, else None; errors name the argument."""
+        if classifier is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given without a classifier; pass classifier=... as well.")
+            return None
+        if class_labels is None:
+            raise ValueError(
+                "classifier guidance needs class_labels: the target class of each attribute the classifier "
+                f"predicts ({', '.join(name for name, _ in classifier.config.attributes)})."
+            )
+        labels = check_class_labels(classifier, class_labels, batch_size, self.device)
+        return labels if scale != 0.0 else None
+
+    def _step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> tuple[dict[str, Any], bool]:
+        """The keyword arguments this scheduler's `step` takes, and whether the loop draws per-image noise.
+
+        Any diffusers scheduler works: `eta` goes only to a step that takes it (DDIM), the generator only to one
+        that draws noise. A list of generators is drawn from here, image by image, when the step takes
+        `variance_noise`; otherwise the list goes to the step (diffusers' schedulers draw from lists themselves).
+        """
+        accepted = inspect.signature(self.scheduler.step).parameters
+        per_image_noise = isinstance(generator, list) and "variance_noise" in accepted
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = eta
+        elif eta > 0:
+            logger.warning("eta=%s is ignored: %s.step takes no eta.", eta, type(self.scheduler).__name__)
+        if "generator" in accepted and not per_image_noise:
+            step_kwargs["generator"] = generator
+        return step_kwargs, per_image_noise
 
     def _check_scalars(
         self,
@@ -456,6 +520,20 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
+def _constructor_prompt(text: str | list[str] | tuple[str, ...], prompt: Any) -> str | list[str]:
+    """The prompt of `LatentPipeline("a prompt")`; a model folder or hub id there is refused, never guessed."""
+    if prompt is not None:
+        raise TypeError("LatentPipeline got a prompt twice: positionally and as prompt=.")
+    for item in [text] if isinstance(text, str) else text:
+        if isinstance(item, str) and (Path(item).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", item)):
+            raise ValueError(
+                f"LatentPipeline({item!r}): that names a model folder or hub id, not a prompt; load a model with "
+                f"LatentPipeline.from_pretrained({item!r}). LatentPipeline('a prompt') takes a prompt for the "
+                "embedded default."
+            )
+    return _as_prompt_list(text, "prompt") if not isinstance(text, str) else text
+
+
 def _model_dir(path_or_hub_id: str | Path) -> Path:
     """A local folder, or the hub snapshot of `path_or_hub_id` when no local folder has that name."""
     path = Path(path_or_hub_id)
@@ -470,12 +548,8 @@ def _model_dir(path_or_hub_id: str | Path) -> Path:
         raise FileNotFoundError(
             f"path_or_hub_id={text!r}: no such folder (and not a hub id of the form owner/name)."
         )
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(
-            snapshot_download(text, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
-        )
+        return local_folder(text)
     except Exception as error:  # offline, unknown id, gated repo: say what was tried
         raise FileNotFoundError(
             f"path_or_hub_id={text!r} is not a local folder and could not be fetched from the Hugging Face hub: "
@@ -502,7 +576,8 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
         )
     dtype = torch.float32 if torch_dtype is None else torch_dtype
     if scheduler is None:
-        scheduler = _ddim_from_folder_config(directory / "scheduler" / "scheduler_config.json")
+        config_file = directory / "scheduler" / "scheduler_config.json"
+        scheduler = scheduler_from_folder_config(json.loads(config_file.read_text()))
     return {
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,
@@ -511,22 +586,3 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
         "text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder").to(dtype),
         "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
     }
-
-
-def _ddim_from_folder_config(config_file: Path) -> DDIMScheduler:
-    """This project's DDIM from a folder's scheduler config (DDPM, DDIM or PNDM as SD ships; others with a note).
-
-    A config that does not set `clip_sample` gets False: clamping x̂₀ to [-1, 1] is meant for pixels, and SD's
-    latents are not bounded by 1 (PNDM configs never carry the key; diffusers' StableDiffusionPipeline forces it
-    off as well). An explicit `clip_sample: true` is kept.
-    """
-    config = json.loads(config_file.read_text())
-    written_for = config.get("_class_name", "an unnamed scheduler")
-    if written_for not in DDIM_COMPATIBLE_SCHEDULERS:
-        logger.warning(
-            "%s holds a %s config; it is read as this project's DDIMScheduler (the training schedule keys are "
-            "the same); pass scheduler=... to from_pretrained to choose another sampler.",
-            config_file,
-            written_for,
-        )
-    return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))

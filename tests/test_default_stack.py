@@ -5,24 +5,20 @@ runs the same chain at full size)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from latentdiff.data.shapes import write_shapes_dataset
+from latentdiff.data.tokenizer import build_word_tokenizer
+from train import train_clip, train_t2i, train_vae
+from train.arguments import parse_config
+from train.loop_config import ConfigError
+from train.tasks import clip, vae
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "train"))
-
-import clip  # noqa: E402
-import train_clip  # noqa: E402
-import train_t2i  # noqa: E402
-import train_vae  # noqa: E402
-import vae  # noqa: E402
-
-from latentdiff.data.shapes import write_shapes_dataset  # noqa: E402
-from latentdiff.data.tokenizer import build_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +167,14 @@ def test_vae_then_clip_then_unet_from_scratch_give_a_pipeline(tmp_path, shapes_d
 
 
 def test_bad_stage_flags_are_refused_before_training(tmp_path, shapes_data):
-    from config import ConfigError, parse_config
-
     base = ["--train_data_dir", str(shapes_data), "--output_dir", str(tmp_path)]
     with pytest.raises(ConfigError, match="exactly one of --vae_config"):
-        parse_config(base, vae.VaeTrainConfig)
+        parse_config(base, vae.VaeConfig)
     with pytest.raises(ConfigError, match="foreground_weight"):
-        parse_config([*base, "--vae_config", __file__, "--foreground_weight", "0.5"], vae.VaeTrainConfig)
+        parse_config([*base, "--vae_config", __file__, "--foreground_weight", "0.5"], vae.VaeConfig)
     with pytest.raises(ConfigError, match="foreground_margin"):
-        parse_config([*base, "--vae_config", __file__, "--foreground_margin", "-1"], vae.VaeTrainConfig)
+        parse_config([*base, "--vae_config", __file__, "--foreground_margin", "-1"], vae.VaeConfig)
     with pytest.raises(ConfigError, match="--train_decoder_only fine-tunes"):
-        parse_config([*base, "--vae_config", __file__, "--train_decoder_only"], vae.VaeTrainConfig)
+        parse_config([*base, "--vae_config", __file__, "--train_decoder_only"], vae.VaeConfig)
     with pytest.raises(ConfigError, match="clip_config"):
-        parse_config(base, clip.ClipTrainConfig)
+        parse_config(base, clip.ClipConfig)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from latentdiff import LatentPipeline, cli
+from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.eval import shapesbench
-from pipelines.latent_pipeline import DEFAULT_MODEL_DIR
 
 # Simple single-object prompts of the training grammar (none is a ShapesBench prompt); seed i for prompt i.
 GUARD_PROMPTS = [

@@ -10,7 +10,6 @@ import copy
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,11 @@ from torch import nn
 from latentdiff import lora
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
 from pipelines.latent_pipeline import LatentPipeline
+from train import train_lora
+from train.arguments import parse_config
+from train.loop_config import ConfigError
+from train.tasks.lora import LoraConfig
+from train.tasks.t2i_config import T2IConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -569,15 +573,6 @@ def test_pipeline_calls_refuse_bad_names_weights_and_fused_state(pipe, tmp_path)
 # ---- training: train/train_lora.py --------------------------------------------------------------------------------
 
 
-def _train_modules():
-    sys.path.insert(0, str(REPO / "train"))  # train/ is a folder of scripts: import them as the scripts do
-    import config
-    import lora_task
-    import train_lora
-
-    return config, lora_task, train_lora
-
-
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
     from tests.test_data import make_imagefolder
@@ -613,8 +608,7 @@ def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
 
 
 def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir, train_data, tmp_path):
-    config, lora_task, train_lora = _train_modules()
-    cfg = config.parse_config(
+    cfg = parse_config(
         lora_args(
             tiny_sd_dir,
             train_data,
@@ -624,25 +618,23 @@ def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir
             lora_targets=["attention", "ff.net.2"],
             train_text_encoder=True,
         ),
-        lora_task.LoraTrainConfig,
+        LoraConfig,
     )
-    assert isinstance(cfg, config.TrainConfig) and cfg.learning_rate == 1e-2  # a shared flag
+    assert isinstance(cfg, T2IConfig) and cfg.learning_rate == 1e-2  # a shared flag
     assert cfg.unet_lora_spec() == lora.LoraSpec(8, 16.0, 0.0, (*lora.ATTENTION_TARGETS, "ff.net.2"))
     assert cfg.text_encoder_lora_spec().target_modules == lora.TEXT_ENCODER_TARGETS
-    with pytest.raises(config.ConfigError, match="rank=0 must be an int >= 1"):
-        config.parse_config(lora_args(tiny_sd_dir, train_data, tmp_path, rank=0), lora_task.LoraTrainConfig)
-    cached = config.parse_config(
+    with pytest.raises(ConfigError, match="rank=0 must be an int >= 1"):
+        parse_config(lora_args(tiny_sd_dir, train_data, tmp_path, rank=0), LoraConfig)
+    cached = parse_config(
         lora_args(
             tiny_sd_dir, train_data, tmp_path, train_text_encoder=True, cache_latents=True, center_crop=True
         ),
-        lora_task.LoraTrainConfig,
+        LoraConfig,
     )
     assert (
         cached.train_text_encoder and cached.cache_latents
     )  # the cache carries the captions for the text encoder
-    with pytest.raises(
-        config.ConfigError, match="--lora_targets: target module 'to_qq'.*Did you mean 'to_q'"
-    ):
+    with pytest.raises(ConfigError, match="--lora_targets: target module 'to_qq'.*Did you mean 'to_q'"):
         train_lora.main(lora_args(tiny_sd_dir, train_data, tmp_path / "run", lora_targets=["to_qq"]))
     assert not (tmp_path / "run").exists()  # refused before the accelerator, the data or a model
 
@@ -650,7 +642,6 @@ def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir
 def test_train_text_encoder_is_refused_for_a_text_encoder_without_layers(tiny_sd_dir, train_data, tmp_path):
     from transformers import CLIPTextModel
 
-    config, _, train_lora = _train_modules()
     model = tmp_path / "flat-text-model"
     shutil.copytree(tiny_sd_dir, model)
     text_config = CLIPTextModel.from_pretrained(model / "text_encoder").config
@@ -658,7 +649,7 @@ def test_train_text_encoder_is_refused_for_a_text_encoder_without_layers(tiny_sd
     shutil.rmtree(model / "text_encoder")
     CLIPTextModel(text_config).save_pretrained(model / "text_encoder")
     with pytest.raises(
-        config.ConfigError, match="text encoder has none \\(0 layers.*leave --train_text_encoder off"
+        ConfigError, match="text encoder has none \\(0 layers.*leave --train_text_encoder off"
     ):
         train_lora.main(
             lora_args(model, train_data, tmp_path / "run", train_text_encoder=True, max_train_steps=1)
@@ -666,10 +657,7 @@ def test_train_text_encoder_is_refused_for_a_text_encoder_without_layers(tiny_sd
 
 
 def test_the_star_demonstration_config_is_a_valid_lora_config():
-    config, lora_task, _ = _train_modules()
-    cfg = config.parse_config(
-        ["--config", str(REPO / "train" / "configs" / "shapes_lora_star.yaml")], lora_task.LoraTrainConfig
-    )
+    cfg = parse_config(["--config", str(REPO / "train" / "configs" / "shapes_lora_star.yaml")], LoraConfig)
     assert (
         cfg.pretrained_model_name_or_path == "latentdiff/assets/default"
         and cfg.train_data_dir == "data/stars"
@@ -682,7 +670,6 @@ def test_the_star_demonstration_config_is_a_valid_lora_config():
 def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run(
     tmp_path, tiny_sd_dir, train_data
 ):
-    _, _, train_lora = _train_modules()
     common = dict(
         rank=4,
         lora_alpha=8,
@@ -718,10 +705,12 @@ def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run
     a, b = load_file(str(adapter)), load_file(str(split / "pytorch_lora_weights.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert sorted(p.name for p in whole.iterdir() if p.is_file()) == [
+        "README.md",  # the model card, naming the base model
         "lora_config.json",
         "pytorch_lora_weights.safetensors",
         "train_config.yaml",
     ]  # no model folder
+    assert f'base_model: "{tiny_sd_dir}"' in (whole / "README.md").read_text()
     assert (whole / "validation" / "step-000006.png").is_file()
     assert any(k.startswith("text_encoder.") for k in a) and any("ff.net.2" in k for k in a)
     assert all(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # every B trained away from 0

@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 import pipelines.latent_pipeline as latent_pipeline_module
+from latentdiff import default_model
 from latentdiff.conditioning import decode_latents, encode_prompts
 from latentdiff.generate import generate
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
@@ -367,10 +368,12 @@ def test_generate_checks_the_output_folder_before_loading_a_model(tmp_path, monk
         generate("a red circle", tmp_path / "missing-folder" / "out.png", model="any")
     with pytest.raises(ValueError, match="is a folder"):
         generate("a red circle", tmp_path, model="any")
-    with pytest.raises(ValueError, match="sampler='euler'"):
-        generate("a red circle", tmp_path / "out.png", sampler="euler")
+    with pytest.raises(ValueError, match="sampler='lms' is unknown"):
+        generate("a red circle", tmp_path / "out.png", sampler="lms")
+    with pytest.raises(ValueError, match="no Karras sigmas"):
+        generate("a red circle", tmp_path / "out.png", sampler="euler_a", karras=True)
     with pytest.raises(ValueError, match="steps=0"):
         generate("a red circle", tmp_path / "out.png", steps=0)
-    monkeypatch.setattr(latent_pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
     with pytest.raises(ValueError, match="--model"):
         generate("a red circle", tmp_path / "out.png")

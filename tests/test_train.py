@@ -21,15 +21,28 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+import train.checkpoints
+import train.data
+import train.ema
+import train.launch
+import train.loop
+import train.randomness
+from tests.test_data import make_imagefolder
+from train import train_t2i
+from train.arguments import parse_config
+from train.loop_config import ConfigError, LoopConfig
+from train.tasks import t2i, t2i_models
+from train.tasks.t2i_config import T2IConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "train"))  # train/ is a folder of scripts: `import trainer` as the scripts do
 
-import config  # noqa: E402
-import t2i  # noqa: E402
-import train_t2i  # noqa: E402
-import trainer  # noqa: E402
 
-from tests.test_data import make_imagefolder  # noqa: E402
+def parse_t2i(argv: list[str]) -> T2IConfig:
+    return parse_config(argv, T2IConfig)
+
+
+def build_models(cfg: T2IConfig, device: torch.device):
+    return t2i_models.build_models(cfg, t2i_models.resolve_model_files(cfg), device, torch.float32)
 
 
 @pytest.fixture
@@ -61,39 +74,43 @@ def test_yaml_then_flags_build_one_frozen_config(tmp_path):
         "train_data_dir: data\npretrained_model_name_or_path: model\nlearning_rate: 1e-4\n"
         "resolution: 64\nvalidation_prompts: [a red circle, a blue square]\nuse_ema: true\n"
     )
-    cfg = config.parse_config(["--config", str(path), "--resolution", "32", "--no-use_ema"])
+    cfg = parse_t2i(["--config", str(path), "--resolution", "32", "--no-use_ema"])
     assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)  # YAML reads 1e-4 as a string
     assert cfg.resolution == 32 and cfg.use_ema is False  # flags override the file
     assert cfg.validation_prompts == ["a red circle", "a blue square"] and cfg.cond_dropout_prob == 0.1
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.resolution = 64
     path.write_text("train_data_dir: data\npretrained_model_name_or_path: model\nlearning_rat: 1e-4\n")
-    with pytest.raises(config.ConfigError, match="unknown option 'learning_rat'.*'learning_rate'"):
-        config.parse_config(["--config", str(path)])
+    with pytest.raises(ConfigError, match="unknown option 'learning_rat'.*'learning_rate'"):
+        parse_t2i(["--config", str(path)])
 
 
 def test_bad_values_are_refused_with_the_flag_named(tmp_path, capsys):
     base = ["--train_data_dir", "d", "--pretrained_model_name_or_path", "m"]
     with pytest.raises(SystemExit) as exit_info:
-        config.parse_config([*base, "--prediction_type", "x0"])
+        parse_t2i([*base, "--prediction_type", "x0"])
     assert exit_info.value.code == 2 and "invalid choice: 'x0'" in capsys.readouterr().err
     path = tmp_path / "run.yaml"
     path.write_text("train_data_dir: d\npretrained_model_name_or_path: m\nprediction_type: x0\n")
-    with pytest.raises(config.ConfigError, match="--prediction_type='x0' is unknown; choose one of epsilon"):
-        config.parse_config(["--config", str(path)])
-    with pytest.raises(config.ConfigError, match="--cond_dropout_prob=1.5"):
-        config.parse_config([*base, "--cond_dropout_prob", "1.5"])
-    with pytest.raises(config.ConfigError, match="--cache_latents.*--center_crop"):
-        config.parse_config([*base, "--cache_latents"])
-    with pytest.raises(config.ConfigError, match="no training data"):
-        config.parse_config(["--pretrained_model_name_or_path", "m"])
-    with pytest.raises(config.ConfigError, match="missing: --pretrained_vae_model_name_or_path"):
-        config.parse_config(
+    with pytest.raises(ConfigError, match="--prediction_type='x0' is unknown; choose one of epsilon"):
+        parse_t2i(["--config", str(path)])
+    with pytest.raises(ConfigError, match="--cond_dropout_prob=1.5"):
+        parse_t2i([*base, "--cond_dropout_prob", "1.5"])
+    with pytest.raises(ConfigError, match="--cache_latents.*--center_crop"):
+        parse_t2i([*base, "--cache_latents"])
+    with pytest.raises(ConfigError, match="no training data"):
+        parse_t2i(["--pretrained_model_name_or_path", "m"])
+    with pytest.raises(ConfigError, match="--unet_config='u.json': no such file"):
+        parse_t2i([*base, "--unet_config", "u.json"])
+    unet_config = tmp_path / "u.json"
+    unet_config.write_text("{}")
+    with pytest.raises(ConfigError, match="missing: --pretrained_vae_model_name_or_path"):
+        parse_t2i(
             [
                 "--train_data_dir",
                 "d",
                 "--unet_config",
-                "u.json",
+                str(unet_config),
                 "--pretrained_text_encoder_name_or_path",
                 "t",
             ]
@@ -161,10 +178,9 @@ def toy_loss(model, batch, rng):
     return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
 
 
-def toy_cfg(tmp_path: Path, **overrides) -> config.TrainConfig:
+def toy_cfg(tmp_path: Path, **overrides) -> LoopConfig:
     values = dict(
         dataset_name="toy",
-        pretrained_model_name_or_path="toy",
         output_dir=str(tmp_path),
         report_to="none",
         train_batch_size=2,
@@ -175,19 +191,19 @@ def toy_cfg(tmp_path: Path, **overrides) -> config.TrainConfig:
         seed=0,
         adam_weight_decay=0.0,
     )
-    return config.TrainConfig(**{**values, **overrides})
+    return LoopConfig(**{**values, **overrides})
 
 
 def toy_trainer(cfg, compute_loss=toy_loss, data=None):
-    accelerator = trainer.make_accelerator(cfg)
+    accelerator = train.launch.make_accelerator(cfg)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    return trainer.Trainer(cfg, accelerator, model, compute_loss, data or ToyData(), toy_collate, seed=0)
+    return train.loop.Trainer(cfg, accelerator, model, compute_loss, data or ToyData(), toy_collate, seed=0)
 
 
 def test_epoch_order_is_a_permutation_and_split_across_processes_like_one_process():
-    one = trainer.EpochBatchSampler(10, batch_size=4, num_processes=1, process_index=0, seed=5)
-    parts = [trainer.EpochBatchSampler(10, 2, 2, rank, seed=5) for rank in range(2)]
+    one = train.data.EpochBatchSampler(10, batch_size=4, num_processes=1, process_index=0, seed=5)
+    parts = [train.data.EpochBatchSampler(10, 2, 2, rank, seed=5) for rank in range(2)]
     assert one.batches_per_epoch == 2  # 10 // 4: the incomplete last batch is dropped
     batches = [b for b, _ in zip(one, range(6))]
     for epoch in range(3):
@@ -198,18 +214,20 @@ def test_epoch_order_is_a_permutation_and_split_across_processes_like_one_proces
         assert (
             big == small[0] + small[1]
         )  # process 0 takes the first half of the global batch, process 1 the rest
-    resumed = trainer.EpochBatchSampler(10, 4, 1, 0, seed=5, start=3)
+    resumed = train.data.EpochBatchSampler(10, 4, 1, 0, seed=5, start=3)
     assert [b for b, _ in zip(resumed, range(3))] == batches[3:6]  # restart mid-epoch at the exact next batch
 
 
 def test_batch_random_gives_each_sample_the_same_numbers_whatever_the_process_count():
-    whole = trainer.BatchRandom(7, 3, 0, global_batch=4, offset=0, local_batch=4, device=torch.device("cpu"))
-    halves = [trainer.BatchRandom(7, 3, 0, 4, offset, 2, torch.device("cpu")) for offset in (0, 2)]
+    whole = train.randomness.BatchRandom(
+        7, 3, 0, global_batch=4, offset=0, local_batch=4, device=torch.device("cpu")
+    )
+    halves = [train.randomness.BatchRandom(7, 3, 0, 4, offset, 2, torch.device("cpu")) for offset in (0, 2)]
     assert torch.equal(whole.randn(3, 2), torch.cat([h.randn(3, 2) for h in halves]))
     assert torch.equal(whole.randint(0, 1000), torch.cat([h.randint(0, 1000) for h in halves]))
-    other_step = trainer.BatchRandom(7, 4, 0, 4, 0, 4, torch.device("cpu"))
+    other_step = train.randomness.BatchRandom(7, 4, 0, 4, 0, 4, torch.device("cpu"))
     assert not torch.equal(
-        trainer.BatchRandom(7, 3, 0, 4, 0, 4, torch.device("cpu")).rand(), other_step.rand()
+        train.randomness.BatchRandom(7, 3, 0, 4, 0, 4, torch.device("cpu")).rand(), other_step.rand()
     )
 
 
@@ -218,7 +236,7 @@ def test_ema_follows_diffusers_ema_model_and_round_trips(tmp_path):
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    ours, reference = trainer.EMA(model, decay=0.9), EMAModel(model.parameters(), decay=0.9)
+    ours, reference = train.ema.EMA(model, decay=0.9), EMAModel(model.parameters(), decay=0.9)
     for _ in range(6):
         with torch.no_grad():
             for p in model.parameters():
@@ -228,7 +246,7 @@ def test_ema_follows_diffusers_ema_model_and_round_trips(tmp_path):
     for (name, _), expected in zip(model.named_parameters(), reference.shadow_params):
         torch.testing.assert_close(ours.shadow[name], expected)
     ours.save(tmp_path / "ema.safetensors")
-    loaded = trainer.EMA(model, decay=0.9)
+    loaded = train.ema.EMA(model, decay=0.9)
     loaded.load(tmp_path / "ema.safetensors")
     assert loaded.num_updates == 6 and all(torch.equal(loaded.shadow[k], v) for k, v in ours.shadow.items())
     before = model.weight.detach().clone()
@@ -255,13 +273,13 @@ def test_gradient_accumulation_equals_the_larger_batch_and_the_lr_schedule_count
 def test_checkpoints_are_rotated_and_latest_ignores_incomplete_ones(tmp_path):
     run = toy_trainer(toy_cfg(tmp_path, checkpointing_steps=1, checkpoints_total_limit=2, max_train_steps=5))
     result = run.train()
-    assert [p.name for p in trainer.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    assert [p.name for p in train.checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
     assert result.last_checkpoint == tmp_path / "checkpoint-5"
     (tmp_path / ".tmp-checkpoint-9").mkdir()  # a save interrupted by a crash
     (tmp_path / "checkpoint-8").mkdir()  # a folder without trainer_state.json
-    assert trainer.find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-5"
+    assert train.checkpoints.find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-5"
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        trainer.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-8"))
+        train.checkpoints.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-8"))
     state = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 0)  # 5 batches per epoch
 
@@ -275,11 +293,11 @@ def test_non_finite_loss_stops_before_the_update_and_the_last_checkpoint_resumes
         return loss * float("nan") if calls["n"] == 3 else loss
 
     run = toy_trainer(toy_cfg(tmp_path, checkpointing_steps=2, max_train_steps=6), nan_at_step_3)
-    with caplog.at_level(logging.ERROR), pytest.raises(trainer.NonFiniteLossError) as error:
+    with caplog.at_level(logging.ERROR), pytest.raises(train.loop.NonFiniteLossError) as error:
         run.train()
     assert error.value.step == 3 and "loss is nan at step 3" in str(error.value)
     assert "checkpoint-2" in str(error.value) and "loss is nan at step 3" in caplog.text
-    assert [p.name for p in trainer.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in train.checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2"]
     saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert torch.equal(run.model.weight.detach(), saved["model.weight"])  # the NaN step changed nothing
@@ -457,7 +475,7 @@ def test_run_killed_right_after_a_checkpoint_resumes_from_it(
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert any("saved checkpoint" in line for line in lines), "".join(lines[-20:])
-    latest = trainer.find_checkpoint(out, "latest")
+    latest = train.checkpoints.find_checkpoint(out, "latest")
     assert latest is not None
     step = int(latest.name.split("-")[1])
     with caplog.at_level(logging.INFO):
@@ -607,8 +625,8 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
     assert (flat(fresh_weights) - flat(text_start)).norm() > 0.5 * flat(
         text_start
     ).norm()  # not the loaded ones
-    with pytest.raises(config.ConfigError, match="--text_encoder_init random.*add --train_text_encoder"):
-        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random"))
+    with pytest.raises(ConfigError, match="--text_encoder_init random.*add --train_text_encoder"):
+        parse_t2i(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random"))
     # --text_encoder_layers 0: a fresh tower of embeddings alone, saved so that the pipeline loads it as trained
     flat_tower = tmp_path / "flat"
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, flat_tower, text_encoder_init="random",
@@ -618,22 +636,20 @@ def test_train_text_encoder_trains_both_resumes_exactly_and_cached_equals_uncach
         ".layers." in n for n, _ in saved.named_parameters()
     )
     assert not any(".layers." in k for k in text_encoder_weights(flat_tower))
-    with pytest.raises(config.ConfigError, match="--text_encoder_layers.*add --text_encoder_init random"):
-        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_layers=0, **common))
-    with pytest.raises(config.ConfigError, match="--text_encoder_layers=-1 must be an integer >= 0"):
-        config.parse_config(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random",
+    with pytest.raises(ConfigError, match="--text_encoder_layers.*add --text_encoder_init random"):
+        parse_t2i(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_layers=0, **common))
+    with pytest.raises(ConfigError, match="--text_encoder_layers=-1 must be an integer >= 0"):
+        parse_t2i(t2i_args(tiny_sd_dir, train_data, fresh, text_encoder_init="random",
                                      text_encoder_layers=-1, **common))  # fmt: skip
 
 
 @pytest.mark.slow
 def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_dir, train_data, one_thread):
-    cfg = config.parse_config(
-        t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True)
-    )
-    accelerator = trainer.make_accelerator(cfg)
-    models = t2i.build_models(cfg, accelerator.device, torch.float32)
+    cfg = parse_t2i(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    accelerator = train.launch.make_accelerator(cfg)
+    models = build_models(cfg, accelerator.device)
     task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)
-    train_set, _, collate = task.datasets(t2i.load_data(cfg))
+    train_set, _, collate = task.datasets(train.data.load_data(cfg))
     assert isinstance(train_set, t2i.CachedTextImageDataset)
     batch = collate([train_set[(0, i)] for i in range(8)])
     empty = task.cache.empty_embed
@@ -642,7 +658,7 @@ def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_
 
     def dropped(p: float) -> torch.Tensor:
         task.cfg = dataclasses.replace(cfg, cond_dropout_prob=p)
-        rng = trainer.BatchRandom(0, 0, 0, 8, 0, 8, torch.device("cpu"))
+        rng = train.randomness.BatchRandom(0, 0, 0, 8, 0, 8, torch.device("cpu"))
         task.compute_loss(models.unet, batch, rng)
         return torch.tensor([torch.equal(row, empty[0]) for row in seen[-1]])
 
@@ -657,13 +673,11 @@ def test_classifier_free_dropout_uses_the_cached_empty_prompt(tmp_path, tiny_sd_
 def test_latent_sample_mean_trains_on_the_posterior_mean_and_a_wide_posterior_is_warned_of(
     tmp_path, tiny_sd_dir, train_data, one_thread, caplog
 ):
-    cfg = config.parse_config(
-        t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True)
-    )
-    accelerator = trainer.make_accelerator(cfg)
-    models = t2i.build_models(cfg, accelerator.device, torch.float32)
+    cfg = parse_t2i(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    accelerator = train.launch.make_accelerator(cfg)
+    models = build_models(cfg, accelerator.device)
     task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)
-    train_set, _, collate = task.datasets(t2i.load_data(cfg))
+    train_set, _, collate = task.datasets(train.data.load_data(cfg))
     batch = collate([train_set[(0, i)] for i in range(4)])
     seen = []
     models.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
@@ -671,7 +685,9 @@ def test_latent_sample_mean_trains_on_the_posterior_mean_and_a_wide_posterior_is
     def unet_input(latent_sample: str, sigma: float) -> torch.Tensor:
         batch["latent_logvar"] = torch.full_like(batch["latent_mean"], 2 * math.log(sigma))
         task.cfg = dataclasses.replace(cfg, latent_sample=latent_sample)
-        task.compute_loss(models.unet, batch, trainer.BatchRandom(0, 0, 0, 4, 0, 4, torch.device("cpu")))
+        task.compute_loss(
+            models.unet, batch, train.randomness.BatchRandom(0, 0, 0, 4, 0, 4, torch.device("cpu"))
+        )
         return seen[-1]
 
     with caplog.at_level("WARNING"):
@@ -693,14 +709,12 @@ def test_bad_flags_fail_before_any_model_is_loaded(tmp_path, tiny_sd_dir, train_
     factor = vae_factor * unet_factor
     bad_resolution = 32 + factor // 2
     with pytest.raises(
-        config.ConfigError,
+        ConfigError,
         match=rf"--resolution={bad_resolution} is not divisible by {factor} "
         rf"\(VAE factor {vae_factor} x UNet down-sampling factor {unet_factor}\)",
     ):
         train_t2i.main(t2i_args(tiny_sd_dir, train_data, tmp_path, resolution=bad_resolution))
-    with pytest.raises(
-        config.ConfigError, match=r"--caption_column='caption' is not a column.*\['image', 'text'\]"
-    ):
+    with pytest.raises(ConfigError, match=r"--caption_column='caption' is not a column.*\['image', 'text'\]"):
         train_t2i.main(t2i_args(tiny_sd_dir, train_data, tmp_path, caption_column="caption"))
     unet_config = tmp_path / "unet.yaml"
     hidden = read("text_encoder")["hidden_size"]
@@ -709,7 +723,7 @@ def test_bad_flags_fail_before_any_model_is_loaded(tmp_path, tiny_sd_dir, train_
         f"num_attention_heads: 2\nnorm_num_groups: 8\ncross_attention_dim: {hidden + 16}\n"
     )
     with pytest.raises(
-        config.ConfigError,
+        ConfigError,
         match=f"cross_attention_dim is {hidden + 16} but the text encoder's hidden size is {hidden}",
     ):
         train_t2i.main(t2i_args(tiny_sd_dir, train_data, tmp_path, unet_config=unet_config))
@@ -752,7 +766,88 @@ def test_nan_loss_stops_the_script_cleanly_and_it_resumes(
 
 
 def test_example_config_parses():
-    cfg = config.parse_config(
-        ["--config", str(REPO / "train" / "configs" / "example_t2i.yaml"), "--seed", "3"]
-    )
+    cfg = parse_t2i(["--config", str(REPO / "train" / "configs" / "example_t2i.yaml"), "--seed", "3"])
     assert cfg.seed == 3 and cfg.cache_latents and cfg.center_crop and cfg.learning_rate == 1e-5
+
+
+# ---- each task's flags, diffusers' flags -------------------------------------------------------------------------
+
+
+def test_each_task_accepts_only_its_own_flags(tmp_path):
+    from train.tasks.vae import VaeConfig
+
+    base = ["--train_data_dir", "d", "--output_dir", str(tmp_path), "--vae_config", __file__]
+    assert parse_config(base, VaeConfig).learning_rate == 1e-4  # a loop flag
+    for t2i_only in (["--snr_gamma", "5"], ["--prediction_type", "epsilon"], ["--cond_dropout_prob", "0.1"]):
+        with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+            parse_config([*base, *t2i_only], VaeConfig)
+    path = tmp_path / "vae.yaml"
+    path.write_text("train_data_dir: d\nsnr_gamma: 5.0\n")
+    with pytest.raises(ConfigError, match="unknown option 'snr_gamma' for VaeConfig"):
+        parse_config(["--config", str(path)], VaeConfig)
+
+
+def test_diffusers_flag_names_carry_over(tmp_path):
+    base = ["--train_data_dir", "d", "--pretrained_model_name_or_path", "m"]
+    cfg = parse_t2i([*base, "--proportion_empty_prompts", "0.25", "--input_perturbation", "0.1",
+                     "--validation_epochs", "2", "--revision", "main", "--variant", "fp16"])  # fmt: skip
+    assert cfg.cond_dropout_prob == 0.25 and cfg.input_perturbation == 0.1 and cfg.validation_epochs == 2
+    assert cfg.revision == "main" and cfg.variant == "fp16"
+    path = tmp_path / "run.yaml"
+    path.write_text("train_data_dir: d\npretrained_model_name_or_path: m\nproportion_empty_prompts: 0.3\n")
+    assert parse_t2i(["--config", str(path)]).cond_dropout_prob == 0.3
+    with pytest.raises(ConfigError, match="--input_perturbation=-0.1 must be >= 0"):
+        parse_t2i([*base, "--input_perturbation", "-0.1"])
+
+
+def test_validation_epochs_validates_when_an_epoch_it_divides_ends(tmp_path):
+    # 10 samples, batch 2: 5 micro-batches per epoch; 2 per optimizer step -> epochs 2 and 4 end at steps 5 and 10
+    steps = []
+    cfg = toy_cfg(tmp_path, max_train_steps=12, gradient_accumulation_steps=2, validation_epochs=2)
+    run = toy_trainer(cfg)
+    run.validate = lambda trainer, step: steps.append(step) or {}
+    run.train()
+    assert steps == [5, 10, 12]  # and once at the end
+
+
+@pytest.mark.slow
+def test_input_perturbation_moves_the_unet_input_not_the_target(
+    tmp_path, tiny_sd_dir, train_data, one_thread
+):
+    cfg = parse_t2i(t2i_args(tiny_sd_dir, train_data, tmp_path, cache_latents=True, center_crop=True))
+    accelerator = train.launch.make_accelerator(cfg)
+    models = build_models(cfg, accelerator.device)
+    task = t2i.TextToImageTask(cfg, models, accelerator, seed=0)
+    train_set, _, collate = task.datasets(train.data.load_data(cfg))
+    batch = collate([train_set[(0, i)] for i in range(4)])
+    seen = []
+
+    class ZeroUNet(torch.nn.Module):  # ε̂ = 0: the loss is then mean(ε²), the target alone
+        def forward(self, noisy_latents, timesteps, prompt_embeds):
+            seen.append(noisy_latents)
+            return torch.zeros_like(noisy_latents)
+
+    def run(gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        task.cfg = dataclasses.replace(cfg, input_perturbation=gamma, snr_gamma=None)
+        rng = train.randomness.BatchRandom(0, 0, 0, 4, 0, 4, torch.device("cpu"))
+        return task.compute_loss(ZeroUNet(), batch, rng), seen[-1]
+
+    (loss0, z0), (loss1, z1), (loss2, z2) = run(0.0), run(0.5), run(1.0)
+    assert torch.equal(loss0, loss1) and torch.equal(loss0, loss2)  # the target is still ε
+    assert not torch.allclose(z0, z1)
+    torch.testing.assert_close(z2 - z0, 2 * (z1 - z0))  # z_t moves by √(1 − ᾱ_t)·γ·ξ: linear in γ
+
+
+@pytest.mark.parametrize(
+    "name, task",
+    [("example_t2i", "t2i"), ("shapes_t2i", "t2i"), ("shapes_vae", "vae"), ("shapes_vae_refine", "vae"),
+     ("shapes_clip", "clip"), ("shapes_lora_star", "lora")],
+)  # fmt: skip
+def test_every_shipped_yaml_config_parses_with_its_task_config(name, task):
+    from train.tasks.clip import ClipConfig
+    from train.tasks.lora import LoraConfig
+    from train.tasks.vae import VaeConfig
+
+    config_class = {"t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig}[task]
+    cfg = parse_config(["--config", str(REPO / "train" / "configs" / f"{name}.yaml")], config_class)
+    assert type(cfg) is config_class and cfg.train_data_dir

@@ -27,16 +27,21 @@ import torch
 
 import pipelines
 from latentdiff.eval import shapesbench
-from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+from latentdiff.schedulers import SAMPLERS, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from latentdiff.webui import forms
 from latentdiff.webui.server import WebUIServer
-from latentdiff.webui.session import EDIT_PIPELINES, ModelSession, sampler_registry
+from latentdiff.webui.session import EDIT_PIPELINES, ModelSession, sampler_choices
 from pipelines.latent_pipeline import LatentPipeline
 from tests.test_lora import write_adapter
 
 PROMPT = "a large red circle in the top left on a black background"
 CHOICES = forms.Choices(
-    samplers=("ddim", "ddpm"), adapters=("star",), size_multiple=16, max_side=256, max_steps=1000
+    samplers=("ddim", "ddpm", "euler"),
+    adapters=("star",),
+    size_multiple=16,
+    max_side=256,
+    max_steps=1000,
+    karras_samplers=("euler",),
 )
 GOOD_FORM = {
     "prompt": PROMPT,
@@ -72,7 +77,9 @@ def png_data_url(size: tuple[int, int], mode: str = "RGB") -> str:
         ({"width": "50"}, "width", "not a multiple of 16"),
         ({"height": "512"}, "height", "from 16 to 256"),
         ({"num_images": "9"}, "num_images", "from 1 to 8"),
-        ({"sampler": "euler"}, "sampler", "ddim, ddpm"),
+        ({"sampler": "lms"}, "sampler", "ddim, ddpm, euler"),
+        ({"karras": True}, "karras", "'ddim' has no Karras sigmas; untick it or pick euler"),
+        ({"karras": "yes"}, "karras", "send true or false"),
         ({"seed": "-5"}, "seed", "from 0 to"),
         (
             {"loras": [{"name": "../../etc/passwd", "scale": 1}]},
@@ -128,8 +135,14 @@ def test_an_edit_takes_its_size_from_the_image_and_needs_a_mask_of_that_size():
     assert error.value.field == "mask"
 
 
-def test_the_sampler_registry_is_every_exported_scheduler():
-    assert sampler_registry() == {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+def test_the_page_offers_every_sampler_of_the_registry_with_its_web_ui_name():
+    offered = {choice["name"]: choice for choice in sampler_choices()}
+    assert list(offered) == list(SAMPLERS)
+    assert (offered["euler_a"]["label"], offered["dpmpp_2m"]["karras"], offered["ddim"]["karras"]) == (
+        "Euler a",
+        True,
+        False,
+    )
 
 
 # ------------------------------------------------------------------------------ the session on the default
@@ -155,9 +168,14 @@ def read_png(data: bytes) -> PIL.Image.Image:
 
 def test_the_page_starts_from_the_models_settings(session):
     choices = session.choices()
-    assert (choices.samplers, choices.size_multiple, choices.max_side) == (("ddim", "ddpm"), 16, 256)
+    assert (choices.samplers, choices.size_multiple, choices.max_side) == (tuple(SAMPLERS), 16, 256)
     defaults = session.defaults()
-    assert (defaults["sampler"], defaults["width"], defaults["height"]) == ("ddim", 64, 64)
+    assert (defaults["sampler"], defaults["karras"], defaults["width"], defaults["height"]) == (
+        "ddim",
+        False,
+        64,
+        64,
+    )
     assert (defaults["steps"], defaults["guidance"]) == (25, 5.0)  # README: the default is measured there
 
 
@@ -176,7 +194,8 @@ def test_text_to_image_gives_the_pipelines_images_with_their_settings_in_the_png
     assert results[1].seed == 8 and np.array_equal(np.asarray(second), np.asarray(expected))
     text = second.text
     assert text["parameters"] == (
-        f"{PROMPT}\nSteps: 3, Sampler: DDIM, CFG scale: 5.0, Seed: 8, Size: 64x64, Model: embedded default"
+        f"{PROMPT}\nSteps: 3, Sampler: DDIM, CFG scale: 5.0, Seed: 8, Size: 64x64, Model: embedded default, "
+        "Eta: 0.0"
     )
     assert {k: text[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "size")} == {
         "prompt": PROMPT,
@@ -199,6 +218,13 @@ def test_the_sampler_switches_per_request_and_back(session):
     assert type(session.load().scheduler) is DDPMScheduler and not np.array_equal(ddim, ddpm)
     assert session.defaults()["sampler"] == "ddim"  # the page still starts at the folder's sampler
     assert np.array_equal(image("ddim"), ddim)
+    request = forms.parse_text_to_image({**GOOD_FORM, "sampler": "euler", "karras": True}, session.choices())
+    text = read_png(session.text_to_image(request)[0].png).text
+    assert type(session.load().scheduler) is EulerDiscreteScheduler
+    assert session.load().scheduler.config.use_karras_sigmas
+    assert (text["sampler"], text["karras"]) == ("euler", "True") and "Sampler: Euler Karras," in text[
+        "parameters"
+    ]
 
 
 def test_adapters_come_from_the_folder_and_apply_per_request(session, lora_dir):
@@ -286,7 +312,7 @@ def test_bad_requests_get_a_message_and_the_server_keeps_serving(server, monkeyp
     assert status == 500 and json.loads(body)["error"].startswith("server: internal error (division by zero)")
     monkeypatch.undo()
     # a failure inside the pipeline ends that job with a message; the next job runs
-    monkeypatch.setattr(server.session, "_use_sampler", lambda name: 1 / 0)
+    monkeypatch.setattr(server.session, "_use_sampler", lambda name, karras: 1 / 0)
     job = wait_for(server, json.loads(call(server, "/api/txt2img", GOOD_FORM)[1])["job"])
     assert job["state"] == "error" and "internal error (ZeroDivisionError" in job["error"]
     monkeypatch.undo()
@@ -367,12 +393,13 @@ def test_an_edit_with_a_mask_reaches_the_inpainting_pipeline(server, editing):
     status, body = call(server, "/api/edit", form)
     assert status == 202
     job = wait_for(server, json.loads(body)["job"])
-    assert job["state"] == "done" and "Denoising strength: 0.5" in job["images"][0]["parameters"]
+    assert job["state"] == "done"
     (given,) = editing
     assert given["image"].size == (64, 48) and given["strength"] == 0.5
     assert given["sampler"] is DDPMScheduler  # the sampler the form asked for
     assert np.array_equal(np.asarray(given["mask_image"]), np.asarray(mask))
-    assert read_png(call(server, job["images"][0]["url"])[1]).size == (64, 48)
+    result = read_png(call(server, job["images"][0]["url"])[1])
+    assert result.size == (64, 48) and result.text["strength"] == "0.5"
 
 
 # ------------------------------------------------------------------------------------ in a real browser

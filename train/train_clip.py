@@ -2,7 +2,7 @@
 
     accelerate launch --config_file accelerate_config.yaml train/train_clip.py --config train/configs/shapes_clip.yaml
 
-Options: `python train/train_clip.py --help`: the data, loop, checkpoint and validation flags of train_t2i.py, plus
+Options: `python train/train_clip.py --help`: the loop's flags (data, optimisation, checkpoints, validation), plus
 --clip_config, --tokenizer_name_or_path (default: a word-level tokenizer built from the captions),
 --tokenizer_extra_words and --max_text_length. At the end --output_dir holds clip/ (the whole model),
 text_encoder/ and tokenizer/ (pass --output_dir to train_t2i.py as --pretrained_text_encoder_name_or_path).
@@ -11,15 +11,18 @@ text_encoder/ and tokenizer/ (pass --output_dir to train_t2i.py as --pretrained_
 from __future__ import annotations
 
 from accelerate.utils import set_seed
-from clip import ClipTask, ClipTrainConfig, build_clip, build_tokenizer
-from config import parse_config
-from t2i import load_data
-from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
+
+from train.arguments import parse_config
+from train.data import load_data
+from train.launch import make_accelerator, run_and_export, script_main
+from train.loop import Trainer
+from train.randomness import resolve_seed
+from train.tasks.clip import ClipConfig, ClipTask, build_clip, build_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
-    cfg = parse_config(argv, ClipTrainConfig)
+    cfg = parse_config(argv, ClipConfig)
     accelerator = make_accelerator(cfg)
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)  # the initial weights

@@ -12,23 +12,27 @@ and lora_config.json, diffusers' layout: `LatentPipeline.load_lora_weights(outpu
 from __future__ import annotations
 
 from accelerate.utils import set_seed
-from config import parse_config
-from lora_task import (
+
+from train.arguments import parse_config
+from train.data import load_data
+from train.launch import make_accelerator, run_and_export, script_main, weight_dtype_of
+from train.loop import Trainer
+from train.randomness import resolve_seed
+from train.tasks.lora import (
+    LoraConfig,
     LoraTask,
-    LoraTrainConfig,
     add_adapters,
     check_lora_targets,
     checkpoint_trained_parameters_only,
 )
-from t2i import build_models, check_model_files, load_data, weight_dtype_of
-from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
+from train.tasks.t2i_models import build_models, resolve_model_files
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
-    cfg = parse_config(argv, LoraTrainConfig)
-    check_model_files(cfg)  # resolution vs. the model's factor, channel widths: before anything is loaded
-    check_lora_targets(cfg)  # --lora_targets against the UNet's config
+    cfg = parse_config(argv, LoraConfig)
+    files = resolve_model_files(cfg)  # configs read once; sizes and widths checked before anything is loaded
+    check_lora_targets(cfg, files)  # --lora_targets against the UNet's config
     accelerator = make_accelerator(cfg)
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg)
 
     weight_dtype = weight_dtype_of(accelerator)
-    models = build_models(cfg, accelerator.device, weight_dtype)
+    models = build_models(cfg, files, accelerator.device, weight_dtype)
     trained = add_adapters(cfg, models, weight_dtype, seed)
     task = LoraTask(cfg, models, accelerator, seed)
     train_set, holdout, collate = task.datasets(data)

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file accelerate_config.yaml train/train_vae.py --config train/configs/shapes_vae.yaml
 
-Options: `python train/train_vae.py --help`: the data, loop, checkpoint and validation flags of train_t2i.py, plus
+Options: `python train/train_vae.py --help`: the loop's flags (data, optimisation, checkpoints, validation), plus
 --vae_config (shape of a new VAE) or --pretrained_vae_model_name_or_path (fine-tune; --train_decoder_only keeps its
 encoder), --kl_weight, --foreground_weight, --foreground_margin and --latent_sample. At the end --output_dir/vae holds a
 diffusers AutoencoderKL folder with its measured scaling_factor (kept as it was with --train_decoder_only; pass the
@@ -12,15 +12,18 @@ folder to train_t2i.py as --pretrained_vae_model_name_or_path).
 from __future__ import annotations
 
 from accelerate.utils import set_seed
-from config import parse_config
-from t2i import load_data
-from trainer import Trainer, make_accelerator, resolve_seed, run_and_export, script_main
-from vae import VaeTask, VaeTrainConfig, build_vae
+
+from train.arguments import parse_config
+from train.data import load_data
+from train.launch import make_accelerator, run_and_export, script_main
+from train.loop import Trainer
+from train.randomness import resolve_seed
+from train.tasks.vae import VaeConfig, VaeTask, build_vae
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
-    cfg = parse_config(argv, VaeTrainConfig)
+    cfg = parse_config(argv, VaeConfig)
     accelerator = make_accelerator(cfg)
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)  # the initial weights

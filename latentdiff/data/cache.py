@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -39,40 +38,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from latentdiff.conditioning import encode_prompts
+from latentdiff.conditioning import encode_posterior, encode_prompts
 from latentdiff.data.dataset import ImageTransform, SampleChoices, SampleKey, captions_of, read_image
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the file layout changes
-
-
-def encode_posterior(vae, images: Tensor) -> tuple[Tensor, Tensor]:
-    """The VAE posterior of `images` in latent units: (mean, logvar) of z = (E(x) − shift) · scaling_factor.
-
-    Args:
-        vae: a `diffusers.AutoencoderKL`.
-        images: (B, 3, H, W) in [-1, 1].
-
-    Returns:
-        mean (B, C, h, w) = (μ − shift)·s and logvar (B, C, h, w) = log σ² + 2 log s, float32, where N(μ, σ²) is
-        the VAE's posterior and s its scaling factor; z = mean + exp(logvar / 2)·ε is distributed as
-        `latentdiff.conditioning.encode_images(vae, images, sample=True)`.
-    """
-    from latentdiff import conditioning
-
-    if hasattr(
-        conditioning, "encode_posterior"
-    ):  # the one place that reads the scaling factor, when it has it
-        mean, logvar = conditioning.encode_posterior(vae, images)
-        return mean.float(), logvar.float()
-    # Fallback until latentdiff.conditioning offers encode_posterior: the same affine map as its encode_images.
-    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    mean = (posterior.mean.float() - shift) * scale
-    logvar = posterior.logvar.float() + 2.0 * math.log(scale)
-    return mean, logvar
 
 
 def sample_posterior(mean: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:

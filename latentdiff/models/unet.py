@@ -15,35 +15,28 @@ does).
 
 Parameter names, the config file and the weights file are those of diffusers' `UNet2DConditionModel`: the
 `unet/` folder of a Stable Diffusion 1.x/2.x repository in the diffusers layout loads as it is, and what
-`save_pretrained` writes loads in diffusers.
+`save_pretrained` writes loads in diffusers. The translation of configs and the file I/O live in
+`latentdiff.models.unet_diffusers`; this file is the architecture alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import numbers
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latentdiff.models.attention import SpatialTransformer, TransformerBlock
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-PICKLE_WEIGHTS_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt")
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Timestep embedding
@@ -338,205 +331,19 @@ class UNetConfig:
     def transformer_layers(self) -> tuple[int, ...]:
         return _per_level(self.transformer_layers_per_block, self.levels, "transformer_layers_per_block")
 
-    # ---- diffusers' config.json ----
+    # ---- diffusers' config.json (latentdiff.models.unet_diffusers) ----
     def to_diffusers(self) -> dict[str, Any]:
-        """The `config.json` dict of the equivalent diffusers `UNet2DConditionModel`.
+        """The `config.json` dict of the equivalent diffusers `UNet2DConditionModel`."""
+        from latentdiff.models.unet_diffusers import config_to_diffusers
 
-        diffusers' quirk, kept so that its loader reads this file: the head COUNT is stored under
-        `attention_head_dim` (diffusers issue #2011; `UNet2DConditionModel` reads `num_attention_heads or
-        attention_head_dim` as the number of heads and refuses `num_attention_heads`).
-        """
-
-        def as_json(value: int | tuple[int, ...]) -> int | list[int]:
-            return value if isinstance(value, int) else list(value)
-
-        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels]
-        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels)]
-        try:
-            diffusers_version = metadata.version("diffusers")
-        except metadata.PackageNotFoundError:
-            diffusers_version = "0.30.0"
-        return {
-            "_class_name": "UNet2DConditionModel",
-            "_diffusers_version": diffusers_version,
-            "sample_size": self.sample_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "center_input_sample": False,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "down_block_types": down,
-            "mid_block_type": "UNetMidBlock2DCrossAttn" if self.mid_block_attention else "UNetMidBlock2D",
-            "up_block_types": up,
-            "only_cross_attention": False,
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": as_json(self.layers_per_block),
-            "downsample_padding": 1,
-            "mid_block_scale_factor": 1,
-            "dropout": self.dropout,
-            "act_fn": "silu",
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "cross_attention_dim": self.cross_attention_dim,
-            "transformer_layers_per_block": as_json(self.transformer_layers_per_block),
-            "attention_head_dim": as_json(self.num_attention_heads),  # the head count: see the docstring
-            "use_linear_projection": self.use_linear_projection,
-            "upcast_attention": self.upcast_attention,
-            # not a diffusers key: diffusers' UNet2DConditionModel ignores it (and then lacks the embedding)
-            **({POSITION_EMBEDDING_KEY: True} if self.position_embedding else {}),
-        }
+        return config_to_diffusers(self)
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> UNetConfig:
-        """Read a diffusers `UNet2DConditionModel` config dict; refuse what this UNet cannot express.
+        """Read a diffusers `UNet2DConditionModel` config dict; refuse what this UNet cannot express."""
+        from latentdiff.models.unet_diffusers import config_from_diffusers
 
-        A missing key takes diffusers' default. Keys that only select features this UNet does not have are
-        accepted at their neutral value and refused otherwise, with a message naming the key and value.
-        """
-        class_name = config.get("_class_name", "UNet2DConditionModel")
-        if class_name != "UNet2DConditionModel":
-            raise ValueError(
-                f"_class_name={class_name!r} is not supported: only UNet2DConditionModel configs load"
-            )
-        for key, value in config.items():
-            if key.startswith("_") or key in _DIFFUSERS_DEFAULTS or key in _DIFFUSERS_IGNORED:
-                continue
-            if key == POSITION_EMBEDDING_KEY and isinstance(value, bool):
-                continue
-            if key in _DIFFUSERS_NEUTRAL:
-                allowed = _DIFFUSERS_NEUTRAL[key]
-                neutral = value in allowed or (isinstance(value, list) and all(v in allowed for v in value))
-                if not neutral:
-                    raise ValueError(
-                        f"unsupported UNet config: {key}={value!r}; this UNet supports only {key} in "
-                        f"{list(allowed)!r} (Stable Diffusion 1.x/2.x layouts)"
-                    )
-            elif value is not None:
-                raise ValueError(f"unsupported UNet config: unknown key {key}={value!r}")
-        c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
-        levels = len(c["block_out_channels"])
-
-        down, up, mid = list(c["down_block_types"]), list(c["up_block_types"]), c["mid_block_type"]
-        block_lists = (("down_block_types", down, _DOWN_BLOCKS), ("up_block_types", up, _UP_BLOCKS))
-        for key, blocks, known in block_lists:
-            unknown = [b for b in blocks if b not in known]
-            if unknown or len(blocks) != levels:
-                raise ValueError(
-                    f"unsupported UNet config: {key}={blocks!r}; need {levels} entries (one per "
-                    f"block_out_channels) from {sorted(known)!r}"
-                )
-        attention_levels = tuple(_DOWN_BLOCKS[b] for b in down)
-        if tuple(_UP_BLOCKS[b] for b in reversed(up)) != attention_levels:
-            raise ValueError(
-                f"unsupported UNet config: up_block_types={up!r} do not mirror down_block_types={down!r} "
-                f"(attention on the same levels both ways)"
-            )
-        if mid not in _MID_BLOCKS:
-            raise ValueError(
-                f"unsupported UNet config: mid_block_type={mid!r}; supported: {sorted(_MID_BLOCKS)!r}"
-            )
-
-        sample_size = c["sample_size"]
-        if isinstance(sample_size, list | tuple):
-            if len(set(sample_size)) != 1:
-                raise ValueError(f"unsupported UNet config: non-square sample_size={sample_size!r}")
-            sample_size = sample_size[0]
-        cross = c["cross_attention_dim"]
-        if isinstance(cross, list | tuple):
-            if len(set(cross)) != 1:
-                raise ValueError(f"unsupported UNet config: per-level cross_attention_dim={cross!r}")
-            cross = cross[0]
-        t_layers = c["transformer_layers_per_block"]
-        if not isinstance(t_layers, int) and any(isinstance(v, list | tuple) for v in t_layers):
-            raise ValueError(f"unsupported UNet config: nested transformer_layers_per_block={t_layers!r}")
-        # diffusers' quirk: `attention_head_dim` is the head count unless `num_attention_heads` is given.
-        heads = c["num_attention_heads"] if c["num_attention_heads"] is not None else c["attention_head_dim"]
-        if c["norm_num_groups"] is None:
-            raise ValueError("unsupported UNet config: norm_num_groups=None (no output norm)")
-
-        def as_field(value: Any) -> Any:
-            return tuple(value) if isinstance(value, list | tuple) else value
-
-        return cls(
-            sample_size=sample_size,
-            in_channels=c["in_channels"],
-            out_channels=c["out_channels"],
-            block_out_channels=tuple(c["block_out_channels"]),
-            attention_levels=attention_levels,
-            mid_block_attention=_MID_BLOCKS[mid],
-            layers_per_block=as_field(c["layers_per_block"]),
-            transformer_layers_per_block=as_field(t_layers),
-            num_attention_heads=as_field(heads),
-            cross_attention_dim=cross,
-            use_linear_projection=c["use_linear_projection"],
-            upcast_attention=c["upcast_attention"],
-            norm_num_groups=c["norm_num_groups"],
-            norm_eps=c["norm_eps"],
-            flip_sin_to_cos=c["flip_sin_to_cos"],
-            freq_shift=c["freq_shift"],
-            dropout=c["dropout"],
-            position_embedding=config.get(POSITION_EMBEDDING_KEY, False),
-        )
-
-
-_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
-_UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_MID_BLOCKS = {"UNetMidBlock2DCrossAttn": True, "UNetMidBlock2D": False}
-# diffusers' keys this config maps, with diffusers' defaults (used when a key is missing from config.json).
-_DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None,
-    "in_channels": 4,
-    "out_channels": 4,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "dropout": 0.0,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 1280,
-    "transformer_layers_per_block": 1,
-    "attention_head_dim": 8,
-    "num_attention_heads": None,
-    "use_linear_projection": False,
-    "upcast_attention": False,
-}
-# diffusers' keys for features this UNet does not have: the values that leave them off.
-_DIFFUSERS_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "center_input_sample": (False,),
-    "act_fn": ("silu", "swish"),
-    "downsample_padding": (1,),
-    "mid_block_scale_factor": (1,),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
-    "dual_cross_attention": (False,),
-    "reverse_transformer_layers_per_block": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "attention_type": ("default",),
-    "cross_attention_norm": (None,),
-}
-POSITION_EMBEDDING_KEY = "latentdiff_position_embedding"  # config.json key of UNetConfig.position_embedding
-_DIFFUSERS_IGNORED = {"addition_embed_type_num_heads"}  # no effect while addition_embed_type is None
+        return config_from_diffusers(config)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -714,84 +521,21 @@ class ConditionalUNet(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.enable_gradient_checkpointing(False)
 
-    # ---- files ----
+    # ---- files (diffusers' folder layout: latentdiff.models.unet_diffusers) ----
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write `config.json` (diffusers' format) and `diffusion_pytorch_model.safetensors` into a folder."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
-        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        from latentdiff.models.unet_diffusers import save_unet
+
+        save_unet(self, save_directory)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_path: str | Path,
-        subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        allow_pickle: bool = False,
-        variant: str | None = None,
-    ) -> ConditionalUNet:
-        """Load a folder written by `save_pretrained` or by diffusers' `UNet2DConditionModel.save_pretrained`
-        (e.g. the `unet/` folder of a Stable Diffusion repository in the diffusers layout).
+    def from_pretrained(cls, pretrained_model_path: str | Path, **kwargs: Any) -> ConditionalUNet:
+        """Load a folder written by `save_pretrained` or by diffusers' `UNet2DConditionModel.save_pretrained`;
+        keyword arguments as `latentdiff.models.unet_diffusers.load_unet` (subfolder, torch_dtype, allow_pickle,
+        variant)."""
+        from latentdiff.models.unet_diffusers import load_unet
 
-        Args:
-            pretrained_model_path: a local directory.
-            subfolder: a folder inside it, e.g. "unet" for a pipeline folder.
-            torch_dtype: dtype of the parameters; float32 when None (as in diffusers).
-            allow_pickle: also read `diffusion_pytorch_model.bin`/`.ckpt` pickle files (with
-                `torch.load(weights_only=True)`); only for files you trust. Safetensors are always preferred.
-            variant: weights variant, e.g. "fp16" reads `diffusion_pytorch_model.fp16.safetensors`.
-        Returns:
-            The model in eval mode on the CPU.
-        """
-        directory = Path(pretrained_model_path) / (subfolder or "")
-        config_file = directory / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
-                f"diffusers pipeline folder with subfolder='unet')"
-            )
-        config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
-        state = _load_weights(directory, allow_pickle, variant)
-        dtype = torch_dtype or torch.float32
-        state = {name: tensor.to(dtype) for name, tensor in state.items()}
-        with torch.device("meta"):
-            model = cls(config)
-        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-        if missing or unexpected:
-            raise ValueError(
-                f"weights in {directory} do not match its config: {len(missing)} missing "
-                f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
-            )
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
-
-
-def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> dict[str, torch.Tensor]:
-    """The state dict in `directory`: one safetensors file, a sharded safetensors index or (if allowed) a
-    pickle. A variant goes before the last suffix, as in `diffusion_pytorch_model.fp16.safetensors`."""
-
-    def named(name: str) -> Path:
-        stem, suffix = name.rsplit(".", 1)
-        return directory / (f"{stem}.{variant}.{suffix}" if variant else name)
-
-    single, index = named(WEIGHTS_NAME), named(WEIGHTS_NAME + ".index.json")
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {name: t for shard in shards for name, t in load_file(str(directory / shard)).items()}
-    for pickle_file in (named(n) for n in PICKLE_WEIGHTS_NAMES):
-        if pickle_file.is_file():
-            if not allow_pickle:
-                raise ValueError(
-                    f"{pickle_file} is a pickle file, which can run code when loaded; convert it to "
-                    f"safetensors, or pass allow_pickle=True if you trust it"
-                )
-            logger.info("loading pickle weights %s with torch.load(weights_only=True)", pickle_file)
-            return torch.load(pickle_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {single.name} (or sharded index) in {directory}")
+        return load_unet(pretrained_model_path, **kwargs)
 
 
 __all__ = ["ConditionalUNet", "UNetConfig", "timestep_embedding"]

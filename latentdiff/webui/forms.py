@@ -15,6 +15,7 @@ picked by name from the names the server listed (`Choices.adapters`), never by p
 | seed             | int 0 .. MAX_SEED, or "", "random", -1 (a fresh seed, reported)   | random                  |
 | width, height    | int, multiples of `Choices.size_multiple`, up to `Choices.max_side` | the model's native size |
 | num_images       | int, 1 .. `Choices.max_images`                                    | 1                       |
+| karras           | true / false: Karras σ spacing (only for `Choices.karras_samplers`)   | the model's             |
 | loras            | list of {"name": one of `Choices.adapters`, "scale": 0 .. MAX_LORA_SCALE} | []              |
 | image, mask      | (edit panel) `data:image/png;base64,...` or JPEG, sides multiples of size_multiple | —        |
 | strength         | (edit panel) number in [0, 1]                                     | 0.6                     |
@@ -55,7 +56,7 @@ class Choices:
     samplers: sampler names (the registry's keys, e.g. ("ddim", "ddpm")); adapters: LoRA adapter names found in the
     adapters folder; size_multiple: image sides must be multiples of this (VAE factor × UNet down-sampling);
     max_side: largest image side in pixels; max_steps: the schedule's num_train_timesteps; max_images: images per
-    request.
+    request; karras_samplers: the samplers that take Karras σ.
     """
 
     samplers: tuple[str, ...]
@@ -63,6 +64,7 @@ class Choices:
     size_multiple: int
     max_side: int
     max_steps: int
+    karras_samplers: tuple[str, ...] = ()
     max_images: int = 8
 
 
@@ -80,6 +82,7 @@ class TextToImage:
     height: int
     num_images: int
     loras: tuple[tuple[str, float], ...] = ()
+    karras: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def parse_text_to_image(form: Mapping[str, Any], choices: Choices) -> TextToImag
         height=_side(form, "height", choices),
         num_images=_int(form, "num_images", 1, choices.max_images),
         loras=_loras(form.get("loras", []), choices.adapters),
+        karras=_karras(form.get("karras", False), sampler, choices.karras_samplers),
     )
 
 
@@ -222,6 +226,17 @@ def _side(form: Mapping[str, Any], field: str, choices: Choices) -> int:
             f"try {side // choices.size_multiple * choices.size_multiple}.",
         )
     return side
+
+
+def _karras(value: Any, sampler: str, karras_samplers: tuple[str, ...]) -> bool:
+    if not isinstance(value, bool):
+        raise InputError("karras", "send true or false.")
+    if value and sampler not in karras_samplers:
+        raise InputError(
+            "karras",
+            f"the sampler {sampler!r} has no Karras sigmas; untick it or pick {', '.join(karras_samplers)}.",
+        )
+    return value
 
 
 def _loras(value: Any, adapters: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

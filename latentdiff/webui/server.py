@@ -30,7 +30,7 @@ from typing import Any
 
 from latentdiff.webui import forms
 from latentdiff.webui.jobs import Job, JobQueue, QueueFull
-from latentdiff.webui.session import ModelSession, editing_pipeline, sampler_registry
+from latentdiff.webui.session import ModelSession, editing_pipeline, sampler_choices
 
 logger = logging.getLogger(__name__)
 
@@ -207,15 +207,11 @@ def page_config(session: ModelSession) -> dict[str, Any]:
     if not session.loaded:
         return {"state": "loading", "model": session.model_name}
     choices = session.choices()
-    registry = sampler_registry()
     return {
         "state": "ready",
         "model": session.model_name,
         "defaults": session.defaults(),
-        "samplers": [
-            {"name": name, "label": registry[name].__name__.removesuffix("Scheduler")}
-            for name in choices.samplers
-        ],
+        "samplers": sampler_choices(),
         "adapters": list(choices.adapters),
         "limits": {
             "size_multiple": choices.size_multiple,
@@ -276,7 +272,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
     lora_dir: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> None:
     """Run the web UI until Ctrl-C: the page at http://host:port/, the model loading in the background."""
     if lora_dir is not None and not Path(lora_dir).is_dir():

@@ -4,9 +4,9 @@
 sampler swap, the adapter weights and the sampling of one request never interleave with another's. Pipelines are
 imported inside the methods that need them (DESIGN.md: entry points import pipelines/ lazily).
 
-Samplers come from a registry, `sampler_registry()`: every scheduler class `latentdiff.schedulers` exports, keyed by
-its name without "Scheduler", lower case ("ddim", "ddpm"); a sampler added there appears in the page with no change
-here. LoRA adapters come from one folder given at start (`lora_dir`): its `.safetensors` files and adapter folders,
+Samplers come from the project's registry, `latentdiff.schedulers.SAMPLERS` (ddim, ddpm, euler, euler_a, heun,
+dpmpp_2m, dpmpp_2m_sde), each built on the model's own scheduler config; a sampler added there appears in the page with
+no change here. LoRA adapters come from one folder given at start (`lora_dir`): its `.safetensors` files and adapter folders,
 offered by name; the page can only pick among those names.
 """
 
@@ -45,17 +45,15 @@ class GeneratedImage:
     parameters: str
 
 
-def sampler_registry() -> dict[str, type]:
-    """Sampler name -> scheduler class, for every scheduler class `latentdiff.schedulers` exports."""
-    import latentdiff.schedulers as schedulers
-    from latentdiff.schedulers.base import Scheduler
+def sampler_choices() -> list[dict[str, Any]]:
+    """The page's sampler menu: each registry name, its label as the web UIs write it, whether it takes Karras σ."""
+    from latentdiff.images import webui_sampler_name
+    from latentdiff.schedulers.registry import KARRAS_SAMPLERS, SAMPLERS
 
-    registry = {}
-    for name in schedulers.__all__:
-        cls = getattr(schedulers, name)
-        if isinstance(cls, type) and issubclass(cls, Scheduler) and cls is not Scheduler:
-            registry[name.removesuffix("Scheduler").lower()] = cls
-    return registry
+    return [
+        {"name": name, "label": webui_sampler_name(name), "karras": name in KARRAS_SAMPLERS}
+        for name in SAMPLERS
+    ]
 
 
 def list_adapters(lora_dir: Path | None) -> dict[str, Path]:
@@ -90,11 +88,11 @@ class ModelSession:
     Args:
         model: a diffusers Stable Diffusion folder or hub id; None: the embedded default.
         lora_dir: the folder whose adapters the page may use; None: no adapters.
-        device: where to sample ("cpu", "cuda").
+        device: where to sample ("cpu", "cuda"); None: the best device there is, as `latentdiff generate` picks it.
     """
 
     def __init__(
-        self, model: str | None = None, lora_dir: str | os.PathLike | None = None, device: str = "cpu"
+        self, model: str | None = None, lora_dir: str | os.PathLike | None = None, device: str | None = None
     ):
         self.model = model
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
@@ -103,6 +101,7 @@ class ModelSession:
         self._load_lock = threading.Lock()
         self._adapter_names: dict[str, str] = {}  # adapter (file) name -> the pipeline's adapter name
         self._folder_scheduler = None
+        self._sampler: tuple[str, bool] | None = None  # the (name, karras) pipe.scheduler was built as
         self.load_error: str | None = None  # why loading failed, once it has
 
     @property
@@ -128,6 +127,10 @@ class ModelSession:
                 except Exception as error:
                     self.load_error = f"the model {self.model_name!r} could not be loaded: {error}"
                     raise ValueError(self.load_error) from error
+                if self.device is None:  # chosen here, not at start: the page is served before torch loads
+                    from latentdiff.cli import _best_device
+
+                    self.device = _best_device()
                 pipe.to(device=self.device)
                 pipe.set_progress_bar_config(disable=True)
                 self._folder_scheduler = (
@@ -151,7 +154,8 @@ class ModelSession:
 
         pipe = self.load()
         return Choices(
-            samplers=tuple(sampler_registry()),
+            samplers=tuple(choice["name"] for choice in sampler_choices()),
+            karras_samplers=tuple(choice["name"] for choice in sampler_choices() if choice["karras"]),
             adapters=tuple(list_adapters(self.lora_dir)),
             size_multiple=vae_scale_factor(pipe.vae) * pipe.unet.downsample_factor,
             max_side=MAX_SIDE_FACTOR * self.native_side(),
@@ -162,10 +166,10 @@ class ModelSession:
         """The form's starting values: the settings the model carries (`pipe.sampling_settings`, when this version's
         pipeline reads them from the folder), else FALLBACK_*, the sampler its folder names, its native size."""
         carried = getattr(self.load(), "sampling_settings", None)
-        registry = sampler_registry()
+        from latentdiff.schedulers.registry import SAMPLERS
+
         folder_sampler = next(
-            (name for name, cls in registry.items() if type(self._folder_scheduler) is cls),
-            next(iter(registry)),
+            (name for name, (cls, _) in SAMPLERS.items() if type(self._folder_scheduler) is cls), "ddim"
         )
         side = self.native_side()
         return {
@@ -176,6 +180,7 @@ class ModelSession:
             "height": side,
             "num_images": 1,
             "seed": "random",
+            "karras": bool(getattr(self._folder_scheduler.config, "use_karras_sigmas", False)),
         }
 
     # ----------------------------------------------------------------------------------------- the runs
@@ -200,7 +205,7 @@ class ModelSession:
         import torch
 
         pipe = self.load()
-        self._use_sampler(request.sampler)
+        self._use_sampler(request.sampler, request.karras)
         self._use_adapters(request.loras)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         settings = self._settings(request)
@@ -233,11 +238,13 @@ class ModelSession:
         ).images
         return [_encode(image, {**settings, "seed": str(seed + i)}) for i, image in enumerate(images)]
 
-    def _use_sampler(self, name: str) -> None:
-        pipe = self.load()
-        sampler_class = sampler_registry()[name]
-        if type(pipe.scheduler) is not sampler_class:
-            pipe.scheduler = sampler_class.from_config(self._folder_scheduler.config)
+    def _use_sampler(self, name: str, karras: bool) -> None:
+        """Sampler `name` on the folder's scheduler config (rebuilt only when the choice changes)."""
+        from latentdiff.schedulers.registry import sampler_from_config
+
+        if self._sampler != (name, karras):
+            self.load().scheduler = sampler_from_config(name, self._folder_scheduler.config, karras)
+            self._sampler = (name, karras)
 
     def _use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Load each requested adapter once (kept loaded), then apply exactly the requested ones."""
@@ -266,6 +273,7 @@ class ModelSession:
             "steps": str(request.steps),
             "guidance": str(request.guidance),
             "sampler": request.sampler,
+            "karras": str(request.karras),
             "eta": "0.0",
             "size": f"{request.width}x{request.height}",
         }
@@ -274,38 +282,12 @@ class ModelSession:
         return settings
 
 
-def webui_parameters(settings: dict[str, str]) -> str:
-    """The `parameters` text of the Stable Diffusion web UIs (AUTOMATIC1111 and the tools that read it):
-
-    <prompt>
-    Negative prompt: <negative prompt>
-    Steps: 25, Sampler: DDIM, CFG scale: 5.0, Seed: 42, Size: 64x64, Model: embedded default
-    """
-    lines = [settings["prompt"]]
-    if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    fields = {
-        "Steps": settings["steps"],
-        "Sampler": sampler_registry()[settings["sampler"]].__name__.removesuffix("Scheduler"),
-        "CFG scale": settings["guidance"],
-        "Seed": settings["seed"],
-        "Size": settings["size"],
-        "Model": settings["model"],
-        "Lora": settings.get("lora"),
-        "Denoising strength": settings.get("strength"),
-    }
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value))
-    return "\n".join(lines)
-
-
 def _encode(image, settings: dict[str, str]) -> GeneratedImage:
-    """PNG bytes with one text chunk per setting (the CLI's keys) and the web UIs' `parameters` chunk."""
-    from PIL.PngImagePlugin import PngInfo
+    """PNG bytes with the text chunks `latentdiff generate` writes: one per setting and the web UIs' `parameters`."""
+    from latentdiff.images import png_text, webui_parameters
 
-    parameters = webui_parameters(settings)
-    info = PngInfo()
-    for key, value in {**settings, "parameters": parameters}.items():
-        info.add_text(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return GeneratedImage(png=buffer.getvalue(), seed=int(settings["seed"]), parameters=parameters)
+    image.save(buffer, format="PNG", pnginfo=png_text(settings))
+    return GeneratedImage(
+        png=buffer.getvalue(), seed=int(settings["seed"]), parameters=webui_parameters(settings)
+    )

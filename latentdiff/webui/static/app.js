@@ -50,7 +50,15 @@ async function loadConfig() {
 
 function fillForm({ defaults, samplers, adapters, limits, editing }) {
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.label, s.name)));
-  for (const [id, value] of Object.entries(defaults)) if (id !== "seed") $(id).value = value;
+  for (const [id, value] of Object.entries(defaults)) if (id !== "seed" && id !== "karras") $(id).value = value;
+  $("karras").checked = defaults.karras;
+  const takesKarras = () => samplers.find((s) => s.name === $("sampler").value).karras;
+  const offerKarras = () => {
+    $("karras").disabled = !takesKarras();
+    if (!takesKarras()) $("karras").checked = false;
+  };
+  $("sampler").addEventListener("change", offerKarras);
+  offerKarras();
   $("steps").max = limits.max_steps;
   $("num_images").max = limits.max_images;
   for (const id of ["width", "height"]) {
@@ -78,7 +86,7 @@ function formValues() {
   return {
     prompt: value("prompt"), negative_prompt: value("negative_prompt"), sampler: value("sampler"),
     steps: value("steps"), guidance: value("guidance"), seed: value("seed"), width: value("width"),
-    height: value("height"), num_images: value("num_images"), loras,
+    height: value("height"), num_images: value("num_images"), karras: $("karras").checked, loras,
   };
 }
 

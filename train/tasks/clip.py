@@ -1,5 +1,5 @@
 """The contrastive text-image task: train a small `transformers.CLIPModel` (Radford et al. 2021) through the one
-training loop, for `train_clip.py`; its text tower then conditions the diffusion model.
+training loop (`train.loop`), for `train_clip.py`; its text tower then conditions the diffusion model.
 
 For a batch of B image-caption pairs, with L2-normalised image and text embeddings u_i, v_j and the learned
 temperature τ (`logit_scale` = log 1/τ):
@@ -19,7 +19,6 @@ Without --tokenizer_name_or_path a word-level CLIP tokenizer is built from the w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -27,13 +26,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from config import ConfigError, TrainConfig, _flag
-from t2i import split_image_datasets
 from torch import nn
-from trainer import BatchRandom, Trainer
 
 from latentdiff.data.dataset import TextImageDataset, captions_of, collate_text_image
 from latentdiff.data.tokenizer import build_word_tokenizer
+from train.arguments import read_mapping
+from train.data import split_image_datasets
+from train.loop import Trainer
+from train.loop_config import ConfigError, LoopConfig, flag
+from train.randomness import BatchRandom
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +42,34 @@ WORD = re.compile(r"[a-z]+|[^\sa-z]")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipTrainConfig(TrainConfig):
-    """Every option of `train/train_clip.py`: the data, loop and checkpoint flags of train_t2i.py, plus CLIP's."""
+class ClipConfig(LoopConfig):
+    """Every option of `train/train_clip.py`: the loop's flags plus CLIP's."""
 
-    clip_config: str | None = _flag(
+    clip_config: str | None = flag(
         None,
         "JSON file of a transformers CLIPConfig ({'text_config': {...}, 'vision_config': {...}, 'projection_dim': "
         "N}): train a CLIP model of this shape from scratch. vocab_size and the special token ids are taken from "
         "the tokenizer, image_size from --resolution.",
+        exists="file",
     )
-    tokenizer_name_or_path: str | None = _flag(
-        None, "Folder of a CLIP tokenizer; default: build a word-level one from the training captions."
+    tokenizer_name_or_path: str | None = flag(
+        None,
+        "Folder of a CLIP tokenizer; default: build a word-level one from the training captions.",
+        exists="folder",
     )
-    tokenizer_extra_words: list[str] | None = _flag(
+    tokenizer_extra_words: list[str] | None = flag(
         None, "Words added to a built vocabulary though no training caption uses them (e.g. star)."
     )
-    max_text_length: int = _flag(
-        77, "Tokens per caption (padding and truncation length, start and end included)."
+    max_text_length: int = flag(
+        77, "Tokens per caption (padding and truncation length, start and end included).", at_least=3
     )
 
-    def validate_model(self) -> None:
-        if self.clip_config is None or not Path(self.clip_config).is_file():
-            raise ConfigError(f"--clip_config={self.clip_config!r}: pass an existing CLIPConfig JSON file.")
-        if self.tokenizer_name_or_path is not None and not Path(self.tokenizer_name_or_path).is_dir():
-            raise ConfigError(f"--tokenizer_name_or_path={self.tokenizer_name_or_path!r} is not a folder.")
-        if self.max_text_length < 3:
-            raise ConfigError(f"--max_text_length={self.max_text_length} must be at least 3.")
+    def check_combinations(self) -> None:
+        super().check_combinations()
+        if self.clip_config is None:
+            raise ConfigError(
+                "--clip_config is missing: pass a CLIPConfig JSON file (the shape of the new model)."
+            )
 
 
 def caption_words(dataset, caption_column: str) -> list[str]:
@@ -78,7 +81,7 @@ def caption_words(dataset, caption_column: str) -> list[str]:
     return list(words)
 
 
-def build_tokenizer(cfg: ClipTrainConfig, dataset):
+def build_tokenizer(cfg: ClipConfig, dataset):
     """The run's CLIPTokenizer: --tokenizer_name_or_path, or a word tokenizer of the captions' words."""
     from transformers import CLIPTokenizer
 
@@ -89,11 +92,11 @@ def build_tokenizer(cfg: ClipTrainConfig, dataset):
     return build_word_tokenizer(Path(cfg.output_dir) / "tokenizer-source", words, cfg.max_text_length)
 
 
-def build_clip(cfg: ClipTrainConfig, tokenizer) -> nn.Module:
+def build_clip(cfg: ClipConfig, tokenizer) -> nn.Module:
     """A new CLIPModel of --clip_config's shape, sized to the tokenizer and the resolution."""
     from transformers import CLIPConfig, CLIPModel
 
-    values = json.loads(Path(cfg.clip_config).read_text())
+    values = read_mapping(cfg.clip_config, "--clip_config")
     text = {
         **values.get("text_config", {}),
         "vocab_size": len(tokenizer),
@@ -114,7 +117,7 @@ def build_clip(cfg: ClipTrainConfig, tokenizer) -> nn.Module:
 class ClipTask:
     """Data, loss, validation and export of contrastive training."""
 
-    def __init__(self, cfg: ClipTrainConfig, clip: nn.Module, tokenizer, accelerator: Accelerator, seed: int):
+    def __init__(self, cfg: ClipConfig, clip: nn.Module, tokenizer, accelerator: Accelerator, seed: int):
         self.cfg = cfg
         self.clip = clip
         self.tokenizer = tokenizer

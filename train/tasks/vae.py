@@ -1,5 +1,5 @@
 """The autoencoder task: train a `diffusers.AutoencoderKL` (Kingma & Welling 2014; Rombach et al. 2022, sec. 3.1)
-through the one training loop, for `train_vae.py`.
+through the one training loop (`train.loop`), for `train_vae.py`.
 
 Per image x (B, 3, H, W) in [-1, 1], with the encoder's posterior q(z | x) = N(μ, σ²):
 
@@ -32,78 +32,79 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from config import LATENT_SAMPLES, ConfigError, TrainConfig, _flag
 from PIL import Image
-from t2i import split_image_datasets
 from torch import nn
 from torch.nn import functional as F
-from trainer import BatchRandom, Trainer
 
+from latentdiff.conditioning import vae_scale_factor
 from latentdiff.data.dataset import TextImageDataset, collate_text_image
+from train.arguments import read_mapping
+from train.data import split_image_datasets
+from train.loop import Trainer
+from train.loop_config import ConfigError, LoopConfig, flag
+from train.randomness import BatchRandom
 
 logger = logging.getLogger(__name__)
 
+LATENT_SAMPLES = ("mean", "sample")  # what the decoder reads: the posterior's mean μ, or μ + σ·ε
 SCALING_SAMPLES = 512  # training images whose posterior means set scaling_factor
 
 
 @dataclasses.dataclass(frozen=True)
-class VaeTrainConfig(TrainConfig):
-    """Every option of `train/train_vae.py`: the data, loop and checkpoint flags of train_t2i.py, plus the VAE's."""
+class VaeConfig(LoopConfig):
+    """Every option of `train/train_vae.py`: the loop's flags plus the VAE's."""
 
-    vae_config: str | None = _flag(
+    vae_config: str | None = flag(
         None,
         "JSON or YAML file of diffusers AutoencoderKL constructor arguments (block_out_channels, latent_channels, "
         "layers_per_block, ...): train a VAE of this shape from scratch.",
+        exists="file",
     )
-    pretrained_vae_model_name_or_path: str | None = _flag(
+    pretrained_vae_model_name_or_path: str | None = flag(
         None, "Folder of a diffusers AutoencoderKL (or an SD folder with vae/) to fine-tune instead."
     )
-    kl_weight: float = _flag(1e-6, "Weight of the KL term (per pixel and channel of the image).")
-    foreground_weight: float = _flag(
+    kl_weight: float = flag(
+        1e-6, "Weight of the KL term (per pixel and channel of the image).", at_least=0, example="1e-6"
+    )
+    foreground_weight: float = flag(
         1.0,
         "Loss weight of pixels that differ from the image's median colour (1: plain L1); e.g. 11 for scenes of "
         "small objects on a flat background.",
+        at_least=1,
+        example="1 (plain L1)",
     )
-    foreground_threshold: float = _flag(
+    foreground_threshold: float = flag(
         0.1,
         "A pixel is foreground when some channel differs from the median colour by more than this ([-1, 1] units).",
     )
-    foreground_margin: int = _flag(
+    foreground_margin: int = flag(
         0,
         "Background pixels within this many pixels (Chebyshev distance) of a foreground pixel are weighted like "
         "it: without a margin, filling an object's notches (background) costs 1/foreground_weight of cutting its "
         "points (foreground), and a VAE learns to round small concave shapes into convex ones.",
+        at_least=0,
     )
-    train_decoder_only: bool = _flag(
+    train_decoder_only: bool = flag(
         False,
         "Fine-tune the decoder only (with --pretrained_vae_model_name_or_path): the encoder, its latents and the "
         "scaling_factor stay as they were, so a diffusion model trained on them keeps working (as Stable "
         "Diffusion's ft-MSE VAE did).",
     )
-    latent_sample: str = _flag(
+    latent_sample: str = flag(
         "mean",
         "Decode the posterior mean (mean) or a sample of the posterior (sample).",
         choices=LATENT_SAMPLES,
     )
-    validation_images: int = _flag(
-        8, "Held-out images shown with their reconstructions in the validation grid."
+    validation_images: int = flag(
+        8, "Held-out images shown with their reconstructions in the validation grid.", at_least=0
     )
 
-    def validate_model(self) -> None:
+    def check_combinations(self) -> None:
+        super().check_combinations()
         if (self.vae_config is None) == (self.pretrained_vae_model_name_or_path is None):
             raise ConfigError(
                 "pass exactly one of --vae_config (a new VAE of that shape) and "
                 "--pretrained_vae_model_name_or_path (fine-tune an existing one)."
-            )
-        if self.vae_config is not None and not Path(self.vae_config).is_file():
-            raise ConfigError(f"--vae_config={self.vae_config!r}: no such file.")
-        if self.kl_weight < 0:
-            raise ConfigError(f"--kl_weight={self.kl_weight} must be >= 0 (e.g. 1e-6).")
-        if self.foreground_weight < 1:
-            raise ConfigError(f"--foreground_weight={self.foreground_weight} must be >= 1 (1 is plain L1).")
-        if self.foreground_margin < 0:
-            raise ConfigError(
-                f"--foreground_margin={self.foreground_margin} must be >= 0 pixels (0: no margin)."
             )
         if self.train_decoder_only and self.pretrained_vae_model_name_or_path is None:
             raise ConfigError(
@@ -112,32 +113,21 @@ class VaeTrainConfig(TrainConfig):
             )
 
 
-def _read_mapping(path: str | Path) -> dict[str, Any]:
-    import json
-
-    import yaml
-
-    text = Path(path).read_text()
-    values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of AutoencoderKL arguments.")
-    return {k: v for k, v in values.items() if not k.startswith("_")}
-
-
-def build_vae(cfg: VaeTrainConfig) -> nn.Module:
+def build_vae(cfg: VaeConfig) -> nn.Module:
     """A new AutoencoderKL of --vae_config's shape, or the one of --pretrained_vae_model_name_or_path, float32, in
     train mode (the encoder frozen with --train_decoder_only). Its down-sampling factor must divide --resolution."""
     from diffusers import AutoencoderKL
 
     if cfg.vae_config is not None:
         try:
-            vae = AutoencoderKL(**_read_mapping(cfg.vae_config))
+            values = read_mapping(cfg.vae_config, "--vae_config")
+            vae = AutoencoderKL(**{k: v for k, v in values.items() if not k.startswith("_")})
         except TypeError as error:
             raise ConfigError(f"--vae_config={cfg.vae_config!r}: {error}") from error
     else:
         folder = Path(cfg.pretrained_vae_model_name_or_path)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae" if (folder / "vae").is_dir() else None)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     if cfg.resolution % factor:
         raise ConfigError(
             f"--resolution={cfg.resolution} is not divisible by the VAE's down-sampling factor {factor}."
@@ -164,7 +154,7 @@ def foreground_weights(
 class VaeTask:
     """Data, loss, validation and export of autoencoder training."""
 
-    def __init__(self, cfg: VaeTrainConfig, vae: nn.Module, accelerator: Accelerator, seed: int) -> None:
+    def __init__(self, cfg: VaeConfig, vae: nn.Module, accelerator: Accelerator, seed: int) -> None:
         self.cfg = cfg
         self.vae = vae
         self.accelerator = accelerator

@@ -1,9 +1,9 @@
-"""The LoRA task: text-to-image training of low-rank adapters on a frozen model, through the text-to-image task of
-`t2i.py` and the one loop of `trainer.py`.
+"""The LoRA task: text-to-image training of low-rank adapters on a frozen model, through the text-to-image task
+(`train.tasks.t2i`) and the one loop (`train.loop`).
 
 What differs from a full fine-tune (Hu et al. 2021; `latentdiff.lora` has the symbols):
 - the config adds `--rank`, `--lora_alpha`, `--lora_dropout`, `--lora_targets`, `--train_text_encoder`
-  (`LoraTrainConfig` extends `TrainConfig`; every shared flag is the same);
+  (`LoraConfig` extends `T2IConfig`; every shared flag is the same);
 - the UNet's frozen weights are kept in the run's precision (float16/bfloat16 under mixed precision, like the VAE
   and text encoder), the adapter's A and B in float32, and only they are optimised (`add_adapters`);
 - checkpoints hold the trained parameters only, not a copy of the frozen model (`checkpoint_trained_parameters_only`),
@@ -16,18 +16,14 @@ classifier-free dropout goes through the adapted text encoder too).
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from config import ConfigError, TrainConfig
 from safetensors.torch import load_file
-from t2i import T2IModels, TextToImageTask, unet_config_from_file
 from torch import nn
-from trainer import Trainer, derive_seed
 
 from latentdiff.lora import (
     ATTENTION_TARGETS,
@@ -39,39 +35,39 @@ from latentdiff.lora import (
     check_targets,
     save_lora,
 )
+from latentdiff.model_card import lora_card
+from train.loop import Trainer
+from train.loop_config import ConfigError, flag
+from train.randomness import derive_seed
+from train.tasks.t2i import TextToImageTask
+from train.tasks.t2i_config import T2IConfig
+from train.tasks.t2i_models import ModelFiles, T2IModels, unet_and_text_encoder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LoraTrainConfig(TrainConfig):
+class LoraConfig(T2IConfig):
     """Every option of `train/train_lora.py`: those of `train_t2i.py` plus the adapter's."""
 
-    rank: int = field(default=4, metadata={"help": "LoRA rank r of every adapted layer (4 to 64 are usual)."})
-    lora_alpha: float | None = field(
-        default=None,
-        metadata={"help": "LoRA alpha: the update is scaled by alpha / rank. Default: the rank (scale 1)."},
+    rank: int = flag(4, "LoRA rank r of every adapted layer (4 to 64 are usual).")
+    lora_alpha: float | None = flag(
+        None, "LoRA alpha: the update is scaled by alpha / rank. Default: the rank (scale 1)."
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
-    lora_targets: list[str] = field(
-        default_factory=lambda: list(ATTENTION_TARGETS),
-        metadata={
-            "help": "UNet layers to adapt: module names or suffixes (to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2 "
-            f"conv1 conv2 ...) or groups ({', '.join(TARGET_GROUPS)})."
-        },
+    lora_dropout: float = flag(0.0, "Dropout on the adapters' input, in [0, 1).")
+    lora_targets: list[str] = flag(
+        list(ATTENTION_TARGETS),
+        "UNet layers to adapt: module names or suffixes (to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2 conv1 conv2 "
+        f"...) or groups ({', '.join(TARGET_GROUPS)}).",
     )
-    train_text_encoder: bool = field(
-        default=False,
-        metadata={"help": f"Also adapt the text encoder's attention ({' '.join(TEXT_ENCODER_TARGETS)})."},
+    train_text_encoder: bool = flag(
+        False, f"Also adapt the text encoder's attention ({' '.join(TEXT_ENCODER_TARGETS)})."
     )
-    output_dir: str = field(
-        default="sd-model-lora",
-        metadata={"help": "Where checkpoints, logs, validation images and the adapter go."},
-    )
+    output_dir: str = flag("sd-model-lora", "Where checkpoints, logs, validation images and the adapter go.")
 
-    def validate(self) -> None:
-        super().validate()
-        try:
+    def check_combinations(self) -> None:
+        super().check_combinations()
+        try:  # rank, alpha and dropout are checked by the adapter's own spec, the one place that knows them
             self.unet_lora_spec()
         except ValueError as error:
             raise ConfigError(f"--rank/--lora_alpha/--lora_dropout/--lora_targets: {error}") from None
@@ -83,27 +79,20 @@ class LoraTrainConfig(TrainConfig):
         return LoraSpec(self.rank, self.lora_alpha, self.lora_dropout, TEXT_ENCODER_TARGETS)
 
 
-def check_lora_targets(cfg: LoraTrainConfig) -> None:
-    """Refuse --lora_targets that name no layer of the UNet, reading only its config (the UNet is built on the meta
-    device: no weights, no memory). A hub id is checked after download instead, in `add_adapters`."""
-    from latentdiff.models.unet import ConditionalUNet, UNetConfig
+def check_lora_targets(cfg: LoraConfig, files: ModelFiles) -> None:
+    """Refuse --lora_targets that name no layer of the UNet, from its config alone (the UNet is built on the meta
+    device: no weights, no memory)."""
+    from latentdiff.models.unet import ConditionalUNet
 
-    if cfg.unet_config is not None:
-        unet_config = unet_config_from_file(cfg.unet_config)
-    else:
-        config_file = Path(cfg.pretrained_model_name_or_path) / "unet" / "config.json"
-        if not config_file.is_file():
-            return
-        unet_config = UNetConfig.from_diffusers(json.loads(config_file.read_text()))
     with torch.device("meta"):
-        unet = ConditionalUNet(unet_config)
+        unet = ConditionalUNet(files.unet)
     try:
         check_targets(unet, cfg.lora_targets, "UNet")
     except ValueError as error:
         raise ConfigError(f"--lora_targets: {error}") from None
 
 
-def add_adapters(cfg: LoraTrainConfig, models: T2IModels, weight_dtype: torch.dtype, seed: int) -> nn.Module:
+def add_adapters(cfg: LoraConfig, models: T2IModels, weight_dtype: torch.dtype, seed: int) -> nn.Module:
     """Freeze the UNet in `weight_dtype`, add a float32 adapter to it (and to the text encoder with
     --train_text_encoder); returns the module the loop trains: the UNet, or ModuleDict(unet=, text_encoder=).
 
@@ -177,9 +166,18 @@ class LoraTask(TextToImageTask):
         out = Path(self.cfg.output_dir)
         path = out / LORA_WEIGHTS_NAME
         if self.accelerator.is_main_process:
-            unet, text_encoder = self._unet_and_text_encoder(trainer.model)
+            unet, text_encoder = unet_and_text_encoder(trainer.model)
             with trainer.averaged_weights():
-                path = save_lora(out, unet=unet, text_encoder=text_encoder)
+                card = lora_card(
+                    out,
+                    self.cfg.pretrained_model_name_or_path,
+                    {
+                        **self.card_details(trainer),
+                        "rank": self.cfg.rank,
+                        "targets": " ".join(self.cfg.lora_targets),
+                    },
+                )
+                path = save_lora(out, unet=unet, text_encoder=text_encoder, model_card=card)
             unet_adapter = sum(
                 p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name
             )
