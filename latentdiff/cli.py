@@ -1,7 +1,8 @@
 """The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench | serve`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
-inside the command that needs them, so `latentdiff --help` is instant.
+inside the command that needs them, so `latentdiff --help` is instant. A user error (a bad value, a missing or
+existing file) prints one line, `latentdiff COMMAND: error: ...`, and exits with code 2, as argparse does.
 """
 
 from __future__ import annotations
@@ -11,24 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from latentdiff import __version__
+from latentdiff import __version__, validation
 
 # latentdiff.schedulers.registry.SAMPLERS's names, listed here so that `--help` imports no torch (a test keeps the two
 # equal)
 SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 SAMPLER_HELP = "sampler (default: the model's own, from its scheduler_config.json)"
 KARRAS_HELP = "Karras et al. 2022 noise levels (euler, heun, dpmpp_2m, dpmpp_2m_sde)"
-
-
-def _lora_spec(text: str) -> tuple[str, float]:
-    """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path and not scale.startswith(("/", "\\")):
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def _best_device() -> str:
@@ -47,6 +37,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from latentdiff.generate import generate
 
+    loras = [validation.parse_lora_spec(spec) for spec in args.lora]
+    seed = validation.check_seed(args.seed, args.num_images)
+    seed = validation.random_seed() if seed is None else seed
     paths = generate(
         args.prompt,
         output=args.output,
@@ -54,19 +47,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         negative=args.negative,
         steps=args.steps,
         guidance=args.guidance,
-        seed=args.seed,
+        seed=seed,
         num_images=args.num_images,
         height=args.height,
         width=args.width,
         sampler=args.sampler,
         karras=args.karras,
         eta=args.eta,
-        loras=[_lora_spec(spec) for spec in args.lora],
+        loras=loras,
+        overwrite=args.overwrite,
         device=args.device or _best_device(),
         torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     for path in paths:
-        print(f"saved {path}")
+        print(f"saved {path} (seed {seed})")
     return 0
 
 
@@ -100,12 +94,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
+    from latentdiff.lora import find_lora_file
     from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
     if args.sampler is not None:
         check_sampler(args.sampler, args.karras)
-
+    loras = [validation.parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in loras:
+        find_lora_file(path)
+    for name in ("grid", "json"):  # check where the results go before the bench runs
+        if getattr(args, name):
+            validation.check_output_file(Path(getattr(args, name)), overwrite=True, name=f"--{name}")
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
     else:
@@ -114,7 +114,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, args.karras)
-    for path, scale in (_lora_spec(spec) for spec in args.lora):
+    for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
 
     def generate_fn(texts: list[str], seeds: list[int]) -> list:
@@ -163,19 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument(
-        "-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)"
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG path (several images: a grid); an existing file is refused unless --overwrite",
     )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    gen.add_argument(
+        "--guidance",
+        type=validation.finite_float,
+        default=5.0,
+        help="classifier-free guidance scale (<= 1: off)",
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image (default or -1: random; the seed is printed)",
+    )
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
     gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    gen.add_argument("--eta", type=validation.finite_float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
@@ -190,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float16", "bfloat16", "float32"],
         default=None,
         help="weights dtype (default float32)",
+    )
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (without it, an existing file is never replaced: the run is refused)",
     )
     gen.set_defaults(func=_cmd_generate)
 
@@ -212,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")
     data.add_argument("out", help="output folder (must be empty unless --overwrite)")
-    data.add_argument("--num-images", type=int, default=10_000)
+    data.add_argument("--num-images", type=int, default=10_000, help="number of images (>= 1)")
     data.add_argument("--size", type=int, default=64, help="canvas side in pixels (>= 32)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument(
@@ -230,13 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="the share of random-polygon scenes (captioned 'random polygons'): autoencoder training data only",
     )
-    data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    data.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset this command wrote there (images/ and metadata.jsonl; other files are left alone)",
+    )
     data.set_defaults(func=_cmd_make_dataset)
 
     bench = commands.add_parser("bench", help="score a model on ShapesBench")
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
     bench.add_argument("--steps", type=int, default=25)
-    bench.add_argument("--guidance", type=float, default=5.0)
+    bench.add_argument("--guidance", type=validation.finite_float, default=5.0)
     bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
     bench.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     bench.add_argument(
@@ -278,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # user errors: one line, no traceback
         print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -31,7 +31,9 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from latentdiff import validation
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
+from latentdiff.data.tokenizer import closed_vocabulary, unknown_words
 from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.hub import SUBFOLDERS, local_folder
 from latentdiff.models.unet import ConditionalUNet
@@ -205,7 +207,11 @@ class LatentPipeline(LoraMixin):
     ) -> LatentPipeline:
         """Move the UNet, VAE and text encoder to `device` and/or cast them to `dtype`; returns self."""
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            # only what changes: diffusers warns on every `to(dtype=...)`, even a no-op one
+            changes = {"device": device} if device is not None else {}
+            if dtype is not None and dtype != module.dtype:
+                changes["dtype"] = dtype
+            module.to(**changes)
         return self
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -273,9 +279,10 @@ class LatentPipeline(LoraMixin):
         """
         if prompt is None and prompt_embeds is None:
             prompt = self.prompt  # the prompt given at construction, if any
-        do_guidance = guidance_scale > 1.0
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
+        validation.check_generator(generator)
+        do_guidance = guidance_scale > 1.0
         cond, uncond = self._text_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
@@ -316,10 +323,15 @@ class LatentPipeline(LoraMixin):
                     )
                 latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    replaced = callback_on_step_end(self, i, t, {"latents": latents})
-                    if replaced:
-                        latents = replaced.get("latents", latents)
+                    latents = _callback_latents(
+                        callback_on_step_end(self, i, t, {"latents": latents}), latents, i
+                    )
                 progress_bar.update()
+        validation.check_finite_tensor(
+            "the denoised latents",
+            latents,
+            "the UNet's output overflowed or its weights hold NaN/inf: run in float32, or check the unet/ weights.",
+        )
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
@@ -380,8 +392,9 @@ class LatentPipeline(LoraMixin):
                 f"num_inference_steps={num_inference_steps} is out of range: pass 1 .. {num_train_timesteps} "
                 "(the scheduler's num_train_timesteps)."
             )
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}.")
+        validation.check_finite("guidance_scale", guidance_scale, "7.5")
+        validation.check_finite("guidance_rescale", guidance_rescale, "0.7")
+        validation.check_finite("eta", eta, "0.0")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 turns it off).")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -412,8 +425,12 @@ class LatentPipeline(LoraMixin):
             raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds.")
         prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
         num_prompts = (
-            len(prompts) if prompts is not None else _check_embeds(prompt_embeds, "prompt_embeds").shape[0]
+            len(prompts)
+            if prompts is not None
+            else self._check_prompt_embeds(prompt_embeds, "prompt_embeds").shape[0]
         )
+        if negative_prompt_embeds is not None and do_guidance:
+            self._check_prompt_embeds(negative_prompt_embeds, "negative_prompt_embeds")
         negatives = None
         if do_guidance and negative_prompt_embeds is None:
             negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
@@ -426,6 +443,7 @@ class LatentPipeline(LoraMixin):
                 )
         # one text-encoder batch for everything to encode: [negatives..., prompts...]
         texts = (negatives or []) + (prompts or [])
+        self._warn_unknown_words(texts)
         encoded = encode_prompts(self.tokenizer, self.text_encoder, texts) if texts else None
         if prompts is not None:
             prompt_embeds = encoded[len(negatives or []) :]
@@ -440,6 +458,32 @@ class LatentPipeline(LoraMixin):
                 )
             uncond = uncond.to(device=self.device, dtype=self.dtype)
         return prompt_embeds.to(device=self.device, dtype=self.dtype), uncond
+
+    def _check_prompt_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
+        """A (P, L, D) tensor of finite values, D the UNet's cross_attention_dim."""
+        embeds = _check_embeds(embeds, name)
+        width = self.unet.config.cross_attention_dim
+        if embeds.shape[-1] != width:
+            raise ValueError(
+                f"{name} has shape {tuple(embeds.shape)} but this UNet reads text embeddings of width {width} "
+                "(its cross_attention_dim); encode the prompts with this pipeline's own text encoder."
+            )
+        validation.check_finite_tensor(name, embeds, "pass finite embeddings.")
+        return embeds
+
+    def _warn_unknown_words(self, texts: list[str]) -> None:
+        """Warn, naming them, about words a closed-vocabulary model (the embedded default) does not know."""
+        vocabulary = closed_vocabulary(self.tokenizer)
+        if vocabulary is None:
+            return
+        unknown = list(dict.fromkeys(w for text in texts for w in unknown_words(text, vocabulary)))
+        if unknown:
+            logger.warning(
+                "this model's vocabulary lacks %s: the text encoder reads them as letter pieces it never learned, "
+                "so the image will not follow them; the words it knows: %s",
+                ", ".join(repr(w) for w in unknown),
+                ", ".join(sorted(w for w in vocabulary if len(w) > 1)),
+            )
 
     def _initial_latents(
         self,
@@ -459,14 +503,7 @@ class LatentPipeline(LoraMixin):
         default_side = self.unet.config.sample_size * vae_factor
         height = default_side if height is None else height
         width = default_side if width is None else width
-        multiple = vae_factor * self.unet.downsample_factor
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(
-                    f"{name}={value!r} must be a positive int divisible by {multiple} (the VAE factor "
-                    f"{vae_factor} × the UNet's down-sampling factor {self.unet.downsample_factor}), "
-                    f"e.g. {default_side}."
-                )
+        validation.check_image_size(height, width, default_side, vae_factor * self.unet.downsample_factor)
         shape = (batch_size, self.unet.config.in_channels, height // vae_factor, width // vae_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
@@ -480,13 +517,23 @@ class LatentPipeline(LoraMixin):
                 f"latents has shape {tuple(latents.shape)} but this call needs {shape} (batch = prompts × "
                 "num_images_per_prompt, UNet in_channels, height / VAE factor, width / VAE factor)."
             )
+        else:
+            validation.check_finite_tensor(
+                "latents", latents, "pass standard normal noise, e.g. torch.randn."
+            )
         latents = latents.to(device=self.device, dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
 
     def _to_output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        images = (decode_latents(self.vae, latents).float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        decoded = decode_latents(self.vae, latents).float()
+        validation.check_finite_tensor(
+            "the image the VAE decoded from finite latents",
+            decoded,
+            "its weights are damaged or it overflowed: check the vae/ weights or run in float32.",
+        )
+        images = (decoded / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output_type == "pt":
             return images
         images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
@@ -512,6 +559,23 @@ def _check_embeds(embeds: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] == 0:
         raise ValueError(f"{name} must be a (P, L, D) tensor with P >= 1, got {_describe(embeds)}.")
     return embeds
+
+
+def _callback_latents(returned: dict | None, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """The latents after callback_on_step_end: its returned "latents" if any, which must keep their shape."""
+    if returned is not None and not isinstance(returned, dict):
+        raise TypeError(
+            f"callback_on_step_end returned {_describe(returned)} at step {step}; return None or a dict such as "
+            '{"latents": latents}.'
+        )
+    replaced = (returned or {}).get("latents", latents)
+    if not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape:
+        raise ValueError(
+            f"callback_on_step_end returned latents of {_describe(replaced)} at step {step}, but the latents have "
+            f"shape {tuple(latents.shape)}; return latents of the same shape (to change the image size, pass "
+            "height and width)."
+        )
+    return replaced
 
 
 def _describe(value: Any) -> str:
@@ -575,9 +639,11 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
             f"(expected model_index.json and {', '.join(name + '/' for name in SUBFOLDERS)})."
         )
     dtype = torch.float32 if torch_dtype is None else torch_dtype
+    for name in ("unet", "vae", "text_encoder"):  # a truncated file is named here, not deep inside a loader
+        validation.check_safetensors_folder(directory / name)
     if scheduler is None:
         config_file = directory / "scheduler" / "scheduler_config.json"
-        scheduler = scheduler_from_folder_config(json.loads(config_file.read_text()))
+        scheduler = scheduler_from_folder_config(validation.read_json_file(config_file))
     return {
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,

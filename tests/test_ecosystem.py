@@ -69,7 +69,9 @@ def test_web_ui_sampler_names_follow_the_web_uis_spelling(tmp_path):
     generate("a red circle", out, steps=2, guidance=3.0, seed=1, sampler="dpmpp_2m", karras=True)
     assert parse_webui_parameters(Image.open(out).text["parameters"])["Sampler"] == "DPM++ 2M Karras"
     assert webui_parameters({"prompt": "x", "sampler": "euler_a"}) == "x\nSampler: Euler a"
-    assert webui_parameters({"prompt": "x", "sampler": "MySampler"}) == "x\nSampler: MySampler"  # unknown: as is
+    assert (
+        webui_parameters({"prompt": "x", "sampler": "MySampler"}) == "x\nSampler: MySampler"
+    )  # unknown: as is
 
 
 def test_generate_cli_passes_device_and_dtype(monkeypatch, tmp_path):

@@ -80,7 +80,9 @@ def png_data_url(size: tuple[int, int], mode: str = "RGB") -> str:
         ({"sampler": "lms"}, "sampler", "ddim, ddpm, euler"),
         ({"karras": True}, "karras", "'ddim' has no Karras sigmas; untick it or pick euler"),
         ({"karras": "yes"}, "karras", "send true or false"),
-        ({"seed": "-5"}, "seed", "from 0 to"),
+        ({"seed": "-5"}, "seed", "out of range: pass 0 .. 18446744073709551615"),
+        ({"seed": str(2**64 - 1), "num_images": "2"}, "seed", "pass 0 .. 18446744073709551614"),
+        ({"seed": "1e3"}, "seed", "not a whole number"),
         (
             {"loras": [{"name": "../../etc/passwd", "scale": 1}]},
             "loras",
@@ -99,6 +101,7 @@ def test_a_good_form_is_read_with_random_seed_words_and_adapters():
     request = forms.parse_text_to_image({**GOOD_FORM, "loras": [{"name": "star", "scale": "0.5"}]}, CHOICES)
     assert (request.steps, request.guidance, request.seed, request.width) == (3, 5.0, 7, 64)
     assert request.loras == (("star", 0.5),)
+    assert forms.parse_text_to_image({**GOOD_FORM, "seed": str(2**64 - 1)}, CHOICES).seed == 2**64 - 1
     for word in ("", "random", "-1", -1, None):
         assert forms.parse_text_to_image({**GOOD_FORM, "seed": word}, CHOICES).seed is None
 
@@ -168,7 +171,7 @@ def read_png(data: bytes) -> PIL.Image.Image:
 
 def test_the_page_starts_from_the_models_settings(session):
     choices = session.choices()
-    assert (choices.samplers, choices.size_multiple, choices.max_side) == (tuple(SAMPLERS), 16, 256)
+    assert (choices.samplers, choices.size_multiple, choices.max_side) == (tuple(SAMPLERS), 16, 512)
     defaults = session.defaults()
     assert (defaults["sampler"], defaults["karras"], defaults["width"], defaults["height"]) == (
         "ddim",

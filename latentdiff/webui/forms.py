@@ -12,7 +12,7 @@ picked by name from the names the server listed (`Choices.adapters`), never by p
 | sampler          | one of `Choices.samplers`                                         | the model's             |
 | steps            | int, 1 .. `Choices.max_steps` (the schedule's training steps)     | the model's             |
 | guidance         | number, 0 .. MAX_GUIDANCE (<= 1: no classifier-free guidance)     | the model's             |
-| seed             | int 0 .. MAX_SEED, or "", "random", -1 (a fresh seed, reported)   | random                  |
+| seed             | int 0 .. 2**64 - num_images, or "", "random", -1 (a fresh seed)   | random                  |
 | width, height    | int, multiples of `Choices.size_multiple`, up to `Choices.max_side` | the model's native size |
 | num_images       | int, 1 .. `Choices.max_images`                                    | 1                       |
 | karras           | true / false: Karras σ spacing (only for `Choices.karras_samplers`)   | the model's             |
@@ -35,7 +35,6 @@ import PIL.Image
 
 MAX_PROMPT_CHARS = 1000
 MAX_GUIDANCE = 30.0
-MAX_SEED = 2**32 - 1  # the CLI draws random seeds from 4 bytes
 MAX_LORA_SCALE = 2.0
 RANDOM_SEED_WORDS = ("", "random", "-1")
 IMAGE_TYPES = ("image/png", "image/jpeg")
@@ -105,16 +104,17 @@ def parse_text_to_image(form: Mapping[str, Any], choices: Choices) -> TextToImag
         raise InputError(
             "sampler", f"{sampler!r} is not a sampler here; pick one of {', '.join(choices.samplers)}."
         )
+    num_images = _int(form, "num_images", 1, choices.max_images)
     return TextToImage(
         prompt=_text(form, "prompt", required=True),
         negative_prompt=_text(form, "negative_prompt", required=False),
         sampler=sampler,
         steps=_int(form, "steps", 1, choices.max_steps),
         guidance=_number(form, "guidance", 0.0, MAX_GUIDANCE),
-        seed=_seed(form.get("seed", "")),
+        seed=_seed(form.get("seed", ""), num_images),
         width=_side(form, "width", choices),
         height=_side(form, "height", choices),
-        num_images=_int(form, "num_images", 1, choices.max_images),
+        num_images=num_images,
         loras=_loras(form.get("loras", []), choices.adapters),
         karras=_karras(form.get("karras", False), sampler, choices.karras_samplers),
     )
@@ -207,14 +207,20 @@ def _int(form: Mapping[str, Any], field: str, low: int, high: int) -> int:
     return int(number)
 
 
-def _seed(value: Any) -> int | None:
-    if (
-        value is None
-        or (isinstance(value, str) and value.strip().lower() in RANDOM_SEED_WORDS)
-        or value == -1
-    ):
+def _seed(value: Any, num_images: int) -> int | None:
+    """The `latentdiff generate` rule (validation.check_seed), read from the page's text; None: random."""
+    from latentdiff.validation import check_seed
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in RANDOM_SEED_WORDS):
         return None
-    return _int({"seed": value}, "seed", 0, MAX_SEED)
+    try:
+        return check_seed(int(value.strip()) if isinstance(value, str) else value, num_images)
+    except (TypeError, ValueError) as error:
+        message = str(error) if isinstance(error, ValueError) and "out of range" in str(error) else ""
+        raise InputError(
+            "seed",
+            message or f"{value!r} is not a whole number; enter one such as 42, or leave it empty (random).",
+        ) from None
 
 
 def _side(form: Mapping[str, Any], field: str, choices: Choices) -> int:

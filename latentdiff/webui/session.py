@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentdiff.validation import MAX_SIDE_FACTOR, random_seed
 from latentdiff.webui.forms import Choices, EditImage, TextToImage
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 # When the model folder carries no sampling settings: the CLI's defaults, at which the README measures the default.
 FALLBACK_STEPS = 25
 FALLBACK_GUIDANCE = 5.0
-MAX_SIDE_FACTOR = 4  # largest image side = 4 × the model's native side (256 px for the 64 px default)
 # The editing pipelines the edit panel drives, by their names in `pipelines` (absent in this version).
 EDIT_PIPELINES = {"img2img": "LatentImg2ImgPipeline", "inpaint": "LatentInpaintPipeline"}
 
@@ -158,7 +158,7 @@ class ModelSession:
             karras_samplers=tuple(choice["name"] for choice in sampler_choices() if choice["karras"]),
             adapters=tuple(list_adapters(self.lora_dir)),
             size_multiple=vae_scale_factor(pipe.vae) * pipe.unet.downsample_factor,
-            max_side=MAX_SIDE_FACTOR * self.native_side(),
+            max_side=MAX_SIDE_FACTOR * self.native_side(),  # as `latentdiff generate` allows
             max_steps=self._folder_scheduler.config.num_train_timesteps,
         )
 
@@ -207,7 +207,7 @@ class ModelSession:
         pipe = self.load()
         self._use_sampler(request.sampler, request.karras)
         self._use_adapters(request.loras)
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = request.seed if request.seed is not None else random_seed()
         settings = self._settings(request)
         runner, extra = pipe, {}
         if edit is not None:  # an editing pipeline over the same parts, the sampler just chosen included
