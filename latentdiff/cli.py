@@ -1,4 +1,4 @@
-"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench`.
+"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench | serve`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
 inside the command that needs them, so `latentdiff --help` is instant. A user error (a bad value, a missing or
@@ -148,6 +148,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from latentdiff.webui import serve
+
+    serve(model=args.model, host=args.host, port=args.port, lora_dir=args.lora_dir, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent text-to-image diffusion.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
@@ -266,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_cmd_bench)
+
+    serve = commands.add_parser(
+        "serve", help="a local web page: text to image with a progress bar and a gallery"
+    )
+    serve.add_argument(
+        "--model", default=None, help="SD-layout folder or hub id (default: the embedded model)"
+    )
+    serve.add_argument("--port", type=int, default=7860, help="TCP port (0: any free port)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; 0.0.0.0: everyone)",
+    )
+    serve.add_argument("--lora-dir", default=None, help="a folder of LoRA adapters the page may apply")
+    serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best there is)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
