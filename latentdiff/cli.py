@@ -13,6 +13,9 @@ from pathlib import Path
 
 from latentdiff import __version__
 
+# the default of --steps, --guidance and --sampler, said in their help
+_CARRIED = " (default: the model's sampling_settings.json, else diffusers' 50 steps, guidance 7.5)"
+
 
 def _lora_spec(text: str) -> tuple[str, float]:
     """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
@@ -80,23 +83,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = shapesbench.bench_prompts(groups)
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    if args.sampler is not None:  # an explicit sampler wins over the one the model carries
+        sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
+        if type(pipe.scheduler) is not sampler_class:
+            pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    steps, guidance = pipe.resolve_sampling(args.steps, args.guidance)
     for path, scale in (_lora_spec(spec) for spec in args.lora):
         pipe.load_lora_weights(path, scale=scale)
 
     def generate_fn(texts: list[str], seeds: list[int]) -> list:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(
-            texts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators
-        ).images
+        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
 
     settings = {
         "model": args.model or "embedded default",
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
+        "sampler": args.sampler or type(pipe.scheduler).__name__,
+        "steps": steps,
+        "guidance_scale": guidance,
         "lora": args.lora,
     }
     result = shapesbench.run_bench(
@@ -128,13 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
+    gen.add_argument("--steps", type=int, default=None, help=f"number of sampling steps{_CARRIED}")
+    gen.add_argument(
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale (<= 1: off){_CARRIED}"
+    )
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help=f"sampler{_CARRIED}")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
@@ -167,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="score a model on ShapesBench")
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
-    bench.add_argument("--steps", type=int, default=25)
-    bench.add_argument("--guidance", type=float, default=5.0)
-    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    bench.add_argument("--steps", type=int, default=None, help=f"sampling steps{_CARRIED}")
+    bench.add_argument("--guidance", type=float, default=None, help=f"guidance scale{_CARRIED}")
+    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help=f"sampler{_CARRIED}")
     bench.add_argument(
         "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
     )

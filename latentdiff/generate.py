@@ -25,13 +25,13 @@ def generate(
     output: str | Path,
     model: str | Path | None = None,
     negative: str | None = None,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
     height: int | None = None,
     width: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     eta: float = 0.0,
     loras: Sequence[str | Path | tuple[str | Path, float]] = (),
     grid: bool = True,
@@ -45,13 +45,15 @@ def generate(
         output: a file path ending in ".png"; its folder must exist.
         model: a diffusers SD folder or hub id; default: the embedded default model.
         negative: negative prompt (default: the empty prompt).
-        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none).
+        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none); sampler: "ddim" or "ddpm"
+            (both read the model's scheduler config). Each defaults to the model folder's sampling settings
+            (`sampling_settings.json`), else to diffusers' defaults (50 steps, guidance 7.5, the folder's sampler).
         seed: seed of the first image (image i uses seed + i); default: a fresh random seed, logged and saved in
             the PNGs.
         num_images: how many images; with several, `grid=True` writes one grid at `output`, `grid=False` writes
             numbered files `<stem>-1.png ... <stem>-N.png` beside it.
         height, width: pixels (default: the model's native size).
-        sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
+        eta: DDIM's η.
         loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
 
@@ -76,9 +78,11 @@ def generate(
         LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
     )
     pipe.to(device=device, dtype=torch_dtype)
-    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    if sampler is not None:  # an explicit sampler wins over the one the model carries
+        sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+        if type(pipe.scheduler) is not sampler_class:
+            pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    steps, guidance = pipe.resolve_sampling(steps, guidance)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
         if not hasattr(pipe, "load_lora_weights"):
@@ -103,6 +107,7 @@ def generate(
         "negative_prompt": negative or "",
         "model": str(model or "embedded default"),
     }
+    sampler = sampler or type(pipe.scheduler).__name__
     settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
@@ -130,7 +135,9 @@ def image_grid(images: list) -> object:
     return grid
 
 
-def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, eta: float) -> None:
+def _check_arguments(
+    output: Path, steps: int | None, num_images: int, sampler: str | None, eta: float
+) -> None:
     """Everything that can be checked without a model, so a typo fails in a second, not after loading."""
     if output.is_dir():
         raise ValueError(
@@ -145,11 +152,11 @@ def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, et
         raise ValueError(
             f"output={str(output)!r} must be a .png file name, e.g. {str(output.with_suffix('.png'))!r}."
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be an int >= 1.")
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0.")

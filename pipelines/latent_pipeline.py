@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
 from latentdiff.models.unet import ConditionalUNet
-from latentdiff.schedulers import DDIMScheduler
+from latentdiff.sampling_settings import (
+    DIFFUSERS_DEFAULTS,
+    SETTINGS_FILE,
+    SamplingSettings,
+    read_sampling_settings,
+    write_sampling_settings,
+)
+from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
@@ -42,6 +49,8 @@ DEFAULT_MODEL_DIR = Path(latentdiff.__file__).parent / "assets" / "default"
 
 # The diffusers Stable Diffusion folder layout: model_index.json and one subfolder per part.
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Sampler names a folder's sampling_settings.json may give -> this project's sampler built from the folder's config
+SAMPLER_CLASSES = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 # Sampler configs read as this project's DDIM without a note: they share DDIM's training schedule keys.
 DDIM_COMPATIBLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
 # Files fetched from the hub: configs, tokenizer files and safetensors weights, no duplicate variants.
@@ -107,10 +116,20 @@ class LatentPipeline(LoraMixin):
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
-    Diffusion folder.
+    Diffusion folder. A folder's recommended sampling settings (`sampling_settings.json`, see
+    `latentdiff.sampling_settings`) are kept in `sampling_settings` and used by `__call__` for what the caller
+    does not set.
     """
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None) -> None:
+    def __init__(
+        self,
+        unet=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        sampling_settings: SamplingSettings | None = None,
+    ) -> None:
         parts = {
             "unet": unet,
             "scheduler": scheduler,
@@ -127,6 +146,7 @@ class LatentPipeline(LoraMixin):
                     "LatentPipeline.from_pretrained('path/to/folder' or 'hub-owner/model-id')."
                 )
             parts = _load_parts(DEFAULT_MODEL_DIR)
+            sampling_settings = parts.pop("sampling_settings")
         missing = [name for name, part in parts.items() if part is None]
         if missing:
             raise TypeError(
@@ -138,6 +158,7 @@ class LatentPipeline(LoraMixin):
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
+        self.sampling_settings = sampling_settings or SamplingSettings()
         self._progress_bar_config: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -155,15 +176,20 @@ class LatentPipeline(LoraMixin):
                 exists locally.
             torch_dtype: dtype of the UNet, VAE and text encoder (default float32).
             scheduler: a sampler to use instead of the folder's; by default the folder's scheduler config (DDPM,
-                DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`.
+                DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`, or as the sampler the
+                folder's `sampling_settings.json` names.
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, sampling_settings: SamplingSettings | None = None
+    ) -> None:
         """Write the diffusers Stable Diffusion layout: `model_index.json` and one subfolder per part.
 
         diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
         format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
+        sampling_settings: the model's recommended sampling settings, written to `sampling_settings.json`
+        (default: the ones this pipeline carries; none carried and none given: no file, so diffusers' defaults).
         """
         import diffusers
 
@@ -185,6 +211,11 @@ class LatentPipeline(LoraMixin):
             "vae": ["diffusers", type(self.vae).__name__],
         }
         (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        settings = sampling_settings or self.sampling_settings
+        if settings.to_dict():
+            write_sampling_settings(directory, settings)
+        else:
+            (directory / SETTINGS_FILE).unlink(missing_ok=True)  # a stale file would speak for this model
 
     # ------------------------------------------------------------------------------------- device and bars
 
@@ -217,8 +248,8 @@ class LatentPipeline(LoraMixin):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -237,8 +268,10 @@ class LatentPipeline(LoraMixin):
             prompt: one prompt or a list of P prompts (or None when `prompt_embeds` is given).
             negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
                 empty prompt. Only used when guidance_scale > 1.
-            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
-            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone.
+            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps; default: the model
+                folder's sampling settings, else 50 (diffusers' default).
+            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone; default: the
+                model folder's sampling settings, else 7.5 (diffusers' default).
             guidance_rescale: φ in [0, 1] of Lin et al. 2023 against over-exposure; 0 turns it off.
             num_images_per_prompt: N images per prompt; the batch is B = P · N, prompt-major.
             height, width: image size in pixels, divisible by the VAE factor × the UNet's down-sampling factor;
@@ -257,9 +290,10 @@ class LatentPipeline(LoraMixin):
         Returns:
             PipelineOutput with `.images`.
         """
-        do_guidance = guidance_scale > 1.0
+        num_inference_steps, guidance_scale = self.resolve_sampling(num_inference_steps, guidance_scale)
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
+        do_guidance = guidance_scale > 1.0
         cond, uncond = self._text_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
@@ -299,6 +333,19 @@ class LatentPipeline(LoraMixin):
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def resolve_sampling(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> tuple[int, float]:
+        """(steps, guidance) a call uses: each as given, else the carried sampling settings', else diffusers'."""
+        sources = (self.sampling_settings, DIFFUSERS_DEFAULTS)
+        if num_inference_steps is None:
+            num_inference_steps = next(
+                s.num_inference_steps for s in sources if s.num_inference_steps is not None
+            )
+        if guidance_scale is None:
+            guidance_scale = next(s.guidance_scale for s in sources if s.guidance_scale is not None)
+        return num_inference_steps, guidance_scale
 
     def _check_scalars(
         self,
@@ -484,7 +531,8 @@ def _model_dir(path_or_hub_id: str | Path) -> Path:
 
 
 def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, scheduler=None) -> dict[str, Any]:
-    """The five parts of the SD folder `directory`, as `LatentPipeline(**parts)` takes them."""
+    """The five parts of the SD folder `directory` and its sampling settings, as `LatentPipeline(**parts)` takes
+    them; the sampler is the one its sampling settings name, built from its scheduler config."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -501,9 +549,18 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
             f"(expected model_index.json and {', '.join(name + '/' for name in SUBFOLDERS)})."
         )
     dtype = torch.float32 if torch_dtype is None else torch_dtype
+    settings = read_sampling_settings(directory)
+    if settings.sampler is not None and settings.sampler not in SAMPLER_CLASSES:
+        raise ValueError(
+            f"{directory / SETTINGS_FILE}: sampler={settings.sampler!r} is not one of {list(SAMPLER_CLASSES)}; "
+            "fix the file or delete it to use diffusers' defaults."
+        )
     if scheduler is None:
         scheduler = _ddim_from_folder_config(directory / "scheduler" / "scheduler_config.json")
+        if settings.sampler is not None:
+            scheduler = SAMPLER_CLASSES[settings.sampler].from_config(scheduler.config)
     return {
+        "sampling_settings": settings,
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,
         "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),
