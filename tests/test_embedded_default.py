@@ -14,6 +14,7 @@ from PIL import Image
 
 from latentdiff import LatentPipeline, cli
 from latentdiff.eval import shapesbench
+from latentdiff.sampling_settings import SETTINGS_FILE, SamplingSettings
 from pipelines.latent_pipeline import DEFAULT_MODEL_DIR
 
 # Simple single-object prompts of the training grammar (none is a ShapesBench prompt); seed i for prompt i.
@@ -48,6 +49,13 @@ def test_the_default_is_small_safetensors_in_the_sd_layout():
     assert len([f for f in files if f.suffix == ".safetensors"]) == 3  # unet, vae, text encoder
 
 
+def test_the_default_carries_its_sampling_settings(default_pipe):
+    carried = json.loads((DEFAULT_MODEL_DIR / SETTINGS_FILE).read_text())
+    assert default_pipe.sampling_settings == SamplingSettings(**carried)
+    assert carried.keys() == {"sampler", "num_inference_steps", "guidance_scale"}
+    assert type(default_pipe.scheduler).__name__.lower().startswith(carried["sampler"])
+
+
 def test_the_default_loads_offline_in_float32(default_pipe):
     for part in (default_pipe.unet, default_pipe.vae, default_pipe.text_encoder):
         assert all(p.dtype == torch.float32 for p in part.parameters())
@@ -66,10 +74,9 @@ def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
     # Each image must be read by the detector as its whole prompt (colour, shape, size, position, background and no
     # extra object): this guards the shipped weights, held-out pairs included. One miss is allowed (ShapesBench
     # measures 0.99 to 1.00 per group; another CPU's float rounding may move an image, README "The embedded default").
+    # at the sampling settings the default carries (sampling_settings.json), as LatentPipeline()(prompt) runs
     generators = [torch.Generator().manual_seed(i) for i in range(len(GUARD_PROMPTS))]
-    images = default_pipe(
-        GUARD_PROMPTS, num_inference_steps=25, guidance_scale=5.0, generator=generators
-    ).images
+    images = default_pipe(GUARD_PROMPTS, generator=generators).images
     right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
     assert sum(right) >= len(GUARD_PROMPTS) - 1, (
         f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
