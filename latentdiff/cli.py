@@ -73,9 +73,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
+    from latentdiff.eval.sweep import format_sweep_table, parse_sweep, plot_sweep, run_sweep
     from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
     from pipelines.latent_pipeline import LatentPipeline
 
+    sweep = parse_sweep(args.sweep) if args.sweep else None  # checked before loading any model
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
     else:
@@ -91,9 +93,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for path, scale in (_lora_spec(spec) for spec in args.lora):
         pipe.load_lora_weights(path, scale=scale)
 
-    def generate_fn(texts: list[str], seeds: list[int]) -> list:
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+    def make_generate_fn(steps: int, guidance: float):
+        def generate_fn(texts: list[str], seeds: list[int]) -> list:
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            return pipe(
+                texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+            ).images
+
+        return generate_fn
 
     settings = {
         "model": args.model or "embedded default",
@@ -102,20 +109,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "guidance_scale": guidance,
         "lora": args.lora,
     }
+    image_size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+    if sweep is not None:
+        name, values = sweep
+        result = run_sweep(
+            lambda v: make_generate_fn(v, guidance) if name == "steps" else make_generate_fn(steps, v),
+            name,
+            values,
+            prompts,
+            vae=pipe.vae,
+            image_size=image_size,
+            settings={**settings, {"guidance": "guidance_scale", "steps": "steps"}[name]: values},
+        )
+        print(format_sweep_table(result))
+        print(f"saved the sweep plot to {plot_sweep(result, args.plot)}")
+        return _write_json(result, args.json)
     result = shapesbench.run_bench(
-        generate_fn,
+        make_generate_fn(steps, guidance),
         prompts,
         vae=pipe.vae,
-        image_size=pipe.unet.config.sample_size * vae_scale_factor(pipe.vae),
+        image_size=image_size,
         settings=settings,
         grid_path=args.grid,
     )
     print(shapesbench.format_table(result))
     if args.grid:
         print(f"saved a sample grid to {args.grid}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict, path: str | None) -> int:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
 
 
@@ -186,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
+    bench.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="score each value of one setting (guidance or steps), e.g. guidance=1.5,2,3,5,7.5; writes --plot",
+    )
+    bench.add_argument(
+        "--plot", default="shapesbench_sweep.png", help="with --sweep: where to save the plot PNG"
+    )
     bench.set_defaults(func=_cmd_bench)
     return parser
 

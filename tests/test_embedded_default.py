@@ -114,3 +114,33 @@ def test_bench_runs_on_a_prompt_file_and_writes_the_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["single"]["num_prompts"] == 2 and result["detector"]["full_match"] >= 0.99
     assert result["vae_ceiling"]["full_match"] is not None and (tmp_path / "grid.png").is_file()
+
+
+def test_bench_sweep_names_a_bad_setting_before_loading_a_model(capsys):
+    assert cli.main(["bench", "--sweep", "temperature=1,2"]) == 2
+    assert "--sweep 'temperature=1,2'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_sweep_scores_each_value_and_writes_the_plot_and_json(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(GUARD_PROMPTS[0] + "\n")
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = [
+        "bench",
+        "--prompts",
+        str(prompts),
+        "--sweep",
+        "steps=2,6",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["sweep"] == "steps" and result["values"] == [2, 6] and result["settings"]["steps"] == [2, 6]
+    assert [r["single"]["num_prompts"] for r in result["results"]] == [1, 1]
+    assert result["detector"]["full_match"] >= 0.99 and result["vae_ceiling"]["fidelity"] > 0.9
+    with Image.open(plot) as image:
+        assert image.format == "PNG"

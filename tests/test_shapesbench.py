@@ -37,6 +37,7 @@ from latentdiff.eval.shapesbench import (
     score,
     vae_ceiling,
 )
+from latentdiff.eval.sweep import GROUP_COLOURS, format_sweep_table, parse_sweep, plot_sweep, run_sweep
 
 
 def render_prompt(text: str, seed: int, size: int = 64) -> Image.Image:
@@ -366,3 +367,65 @@ def test_fidelity_is_about_one_for_rendered_shapes_and_low_for_the_wrong_shape()
     assert asked_square.fidelity[0] < 0.9 and not asked_square.full_match
     nothing = Image.new("RGB", (64, 64), BACKGROUND_COLORS["gray"])
     assert evaluate(nothing, "a blue circle").fidelity == (0.0,)  # no object: fidelity 0
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("guidance=1.5,2,3", ("guidance", [1.5, 2.0, 3.0])), ("steps=10, 25,50", ("steps", [10, 25, 50]))],
+)
+def test_parse_sweep_reads_name_and_values(text, expected):
+    assert parse_sweep(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("eta=0,1", "NAME one of"),
+        ("guidance", "NAME one of"),
+        ("steps=10,2.5", "must be integers"),
+        ("steps=", "one or more"),
+    ],
+)
+def test_parse_sweep_says_what_to_write(text, says):
+    with pytest.raises(ValueError, match=says):
+        parse_sweep(text)
+
+
+def test_run_sweep_scores_each_value_and_plots_them(tmp_path):
+    """Value 1 renders each prompt (perfect), value 2 swaps red and blue (wrong colour, right shapes): the sweep
+    must score each value as run_bench would, and the plot and JSON are written."""
+    prompts = bench_prompts(per_group=6)
+
+    def make_generate_fn(value):
+        def generate(texts, seeds):
+            swap = (
+                (lambda t: t.replace("red", "#").replace("blue", "red").replace("#", "blue"))
+                if value == 2
+                else str
+            )
+            return [render_prompt(swap(t), s) for t, s in zip(texts, seeds)]
+
+        return generate
+
+    sweep = run_sweep(make_generate_fn, "guidance", [1.0, 2.0], prompts, detector_scenes=12, progress=False)
+    assert sweep["values"] == [1.0, 2.0] and len(sweep["results"]) == 2
+    assert sweep["results"][0] == score([render_prompt(p.text, p.seed) for p in prompts], prompts)
+    for group in GROUPS:
+        assert (
+            sweep["results"][0][group]["full_match"] == 1.0 and sweep["results"][0][group]["fidelity"] > 0.96
+        )
+    swapped = make_generate_fn(2)([p.text for p in prompts], [p.seed for p in prompts])
+    assert sweep["results"][1] == score(swapped, prompts)
+    assert any(sweep["results"][1][g]["full_match"] < 1.0 for g in GROUPS)
+    assert sweep["detector"]["full_match"] == 1.0 and sweep["vae_ceiling"] == {"full_match": None}
+    json.loads(json.dumps(sweep))
+    path = plot_sweep(sweep, tmp_path / "plots" / "sweep.png")
+    with Image.open(path) as plot:
+        assert plot.format == "PNG" and plot.width > plot.height > 200
+        # each group's line is drawn in its colour
+        colours = {c for _, c in plot.convert("RGB").getcolors(1 << 20)}
+    assert {GROUP_COLOURS[g] for g in GROUPS} <= colours
+    assert "guidance" in format_sweep_table(sweep)

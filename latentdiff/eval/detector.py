@@ -46,7 +46,9 @@ from latentdiff.data.shapes import (
 MIN_AREA_FRACTION = 0.003  # regions smaller than this fraction of the canvas are noise
 LARGE_THRESHOLD = 0.25  # bounding-box side (fraction of S) between small (0.20) and large (0.30)
 TOUCH_ALPHA = 0.25  # same-colour pixels this strong join regions: objects that touch are one region
-MIN_SHAPE_IOU = 0.85  # a region no template fits this well is IRREGULAR (rendered: ≥ 0.89 at 32 px, 0.95 at 64)
+MIN_SHAPE_IOU = (
+    0.85  # a region no template fits this well is IRREGULAR (rendered: ≥ 0.89 at 32 px, 0.95 at 64)
+)
 IRREGULAR = "irregular"  # the shape read for a region that fits no template
 MIN_CONVEXITY = 0.90  # circles, squares, triangles are convex: rendered ≥ 0.98, through the VAE ≥ 0.97
 TEMPLATE_SUPERSAMPLE = 16  # templates are drawn at 16× (edges within 1/32 px), scenes at 4×

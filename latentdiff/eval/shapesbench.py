@@ -345,36 +345,10 @@ def run_bench(
     "vae_ceiling_star" (the VAE ceiling on single-star scenes).
     """
     prompts = list(prompts) if prompts is not None else bench_prompts()
-    images: list[Image.Image] = []
-    with tqdm(total=len(prompts), desc="shapesbench", unit="img", disable=not progress) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            generated = list(generate_fn([p.text for p in batch], [p.seed for p in batch]))
-            if len(generated) != len(batch):
-                raise ValueError(f"generate_fn returned {len(generated)} images for {len(batch)} prompts")
-            images += generated
-            bar.update(len(batch))
+    images = generate_images(generate_fn, prompts, batch_size, progress)
     result: dict = score(images, prompts)
-    result["detector"] = detector_accuracy(detector_scenes, image_size)
-    result["vae_ceiling"] = (
-        vae_ceiling(vae, detector_scenes, image_size, progress=progress)
-        if vae is not None
-        else {"full_match": None}
-    )
-    if vae is not None and any(p.group == STAR_GROUP for p in prompts):
-        result["vae_ceiling_star"] = vae_ceiling(
-            vae, detector_scenes, image_size, progress=progress, star_only=True
-        )
-    result["settings"] = {
-        **(settings or {}),
-        "prompt_seed": BENCH_SEED,
-        "prompts_per_group": {
-            g: sum(p.group == g for p in prompts) for g in dict.fromkeys(p.group for p in prompts)
-        },
-        "detector_scenes": detector_scenes,
-        "detector_seed": DETECTOR_SEED,
-        "scene_size": image_size,
-    }
+    result.update(reference_scores(vae, prompts, detector_scenes, image_size, progress))
+    result["settings"] = bench_settings(settings, prompts, detector_scenes, image_size)
     if grid_path is not None:
         order = _interleave_groups(prompts, grid_count)
         save_grid(
@@ -384,6 +358,56 @@ def run_bench(
             marks=[matches_prompt(images[i], prompts[i].text) for i in order],
         )
     return result
+
+
+def bench_settings(
+    settings: dict | None, prompts: Sequence[BenchPrompt], detector_scenes: int, image_size: int
+) -> dict:
+    """The settings a result records: the caller's (sampler, steps, guidance, model) and the bench's own."""
+    return {
+        **(settings or {}),
+        "prompt_seed": BENCH_SEED,
+        "prompts_per_group": {
+            g: sum(p.group == g for p in prompts) for g in dict.fromkeys(p.group for p in prompts)
+        },
+        "detector_scenes": detector_scenes,
+        "detector_seed": DETECTOR_SEED,
+        "scene_size": image_size,
+    }
+
+
+def generate_images(
+    generate_fn: GenerateFn, prompts: Sequence[BenchPrompt], batch_size: int = 16, progress: bool = True
+) -> list[Image.Image]:
+    """One image per prompt: generate_fn(texts, seeds) called with up to batch_size prompts at a time."""
+    images: list[Image.Image] = []
+    with tqdm(total=len(prompts), desc="shapesbench", unit="img", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            generated = list(generate_fn([p.text for p in batch], [p.seed for p in batch]))
+            if len(generated) != len(batch):
+                raise ValueError(f"generate_fn returned {len(generated)} images for {len(batch)} prompts")
+            images += generated
+            bar.update(len(batch))
+    return images
+
+
+def reference_scores(
+    vae, prompts: Sequence[BenchPrompt], detector_scenes: int, image_size: int, progress: bool = True
+) -> dict[str, dict]:
+    """The rows that do not depend on the generator: "detector" (rendered scenes) and "vae_ceiling" (the same
+    scenes through `vae`; {"full_match": None} without one), and "vae_ceiling_star" when the prompts hold stars."""
+    rows: dict[str, dict] = {"detector": detector_accuracy(detector_scenes, image_size)}
+    rows["vae_ceiling"] = (
+        vae_ceiling(vae, detector_scenes, image_size, progress=progress)
+        if vae is not None
+        else {"full_match": None}
+    )
+    if vae is not None and any(p.group == STAR_GROUP for p in prompts):
+        rows["vae_ceiling_star"] = vae_ceiling(
+            vae, detector_scenes, image_size, progress=progress, star_only=True
+        )
+    return rows
 
 
 def _interleave_groups(prompts: Sequence[BenchPrompt], count: int) -> list[int]:
