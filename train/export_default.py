@@ -6,6 +6,8 @@ The weights are saved in float16 (half the size) and loaded back in float32, as 
 Before anything is written over the destination, the script generates the ShapesBench prompts of a few groups with
 both weight sets (same seeds, 25 DDIM steps) and reports the largest pixel difference and how many images the
 detector reads differently; with --max-changed N it refuses to ship when more than N images change verdict.
+The shipped folder carries --steps and --guidance (DDIM) as its recommended sampling settings
+(`sampling_settings.json`, read by `LatentPipeline` and the CLI when the caller sets none).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from latentdiff.eval import shapesbench  # noqa: E402
+from latentdiff.sampling_settings import SamplingSettings  # noqa: E402
 from pipelines.latent_pipeline import LatentPipeline  # noqa: E402
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -53,8 +56,10 @@ def main() -> int:
     parser.add_argument("source", type=Path, help="trained SD-layout folder (train_t2i.py's --output_dir)")
     parser.add_argument("destination", type=Path, help="where the embedded default goes")
     parser.add_argument("--prompts-per-group", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps: checked, and carried by the model")
+    parser.add_argument(
+        "--guidance", type=float, default=2.0, help="guidance: checked, and carried by the model"
+    )
     parser.add_argument("--max-changed", type=int, default=None, help="refuse if more images change verdict")
     args = parser.parse_args()
 
@@ -65,7 +70,7 @@ def main() -> int:
         halved = copy.deepcopy(full)  # cast a copy: .to() works in place, and `full` must keep float32
         for name in PARTS:
             getattr(halved, name).to(torch.float16)
-        halved.save_pretrained(half_dir)
+        halved.save_pretrained(half_dir, SamplingSettings("ddim", args.steps, args.guidance))
         half = LatentPipeline.from_pretrained(half_dir)  # float16 on disk, float32 in memory
         half.set_progress_bar_config(disable=True)
         prompts = shapesbench.bench_prompts(per_group=args.prompts_per_group)
