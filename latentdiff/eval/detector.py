@@ -15,15 +15,18 @@ Steps (shared/SHAPES.md, "ShapesBench"), for an RGB image p of side S:
 | fit        | each shape's template (SHAPE_GEOMETRY: fill f = area / box area, centroid offset) is drawn |
 |            | with box side d = √(A / f) on the region's centroid (position and size fitted, so only the |
 |            | shape is left to compare); its fit is the soft IoU Σ min(α, t) / Σ max(α, t)               |
-| shape      | the shape of the best fit, if that fit is ≥ MIN_SHAPE_IOU; else IRREGULAR (a square with    |
-|            | pinched sides or a triangle with concave sides fits no template well)                       |
+| shape      | the shape of the best fit, if that fit is ≥ MIN_SHAPE_IOU and, for the convex shapes        |
+|            | (circle, square, triangle), the region's convexity (soft area over the area of the convex   |
+|            | hull of its α = ½ edge) is ≥ MIN_CONVEXITY; else IRREGULAR: a square with pinched sides or  |
+|            | a triangle with concave sides is not read as one                                            |
 | size       | `large` when the fitted box side d ≥ 0.25·S, else `small` (boxes are 0.30·S and 0.20·S)    |
 | position   | the 3×3 cell holding the α-weighted centroid                                               |
 
 Regions whose colour is a background colour (e.g. a black blob on white) are reported as objects too, with that
 colour, so that they count as extra objects against a prompt. A region's fits are kept (DetectedObject.fits): the fit
 of the shape a prompt asks for is ShapesBench's shape fidelity. Pure numpy, plus PIL to draw the templates: about
-2.5 ms of CPU per 64×64 image.
+2.5 ms of CPU per 64×64 image (templates at 16× supersampling, so that a rendered shape fits its own template to
+about 0.99 rather than 0.96).
 """
 
 from __future__ import annotations
@@ -46,9 +49,7 @@ from latentdiff.data.shapes import (
 MIN_AREA_FRACTION = 0.003  # regions smaller than this fraction of the canvas are noise
 LARGE_THRESHOLD = 0.25  # bounding-box side (fraction of S) between small (0.20) and large (0.30)
 TOUCH_ALPHA = 0.25  # same-colour pixels this strong join regions: objects that touch are one region
-MIN_SHAPE_IOU = (
-    0.85  # a region no template fits this well is IRREGULAR (rendered: ≥ 0.89 at 32 px, 0.95 at 64)
-)
+MIN_SHAPE_IOU = 0.85  # a region no template fits this well is IRREGULAR (rendered ≥ 0.89 at 32 px)
 IRREGULAR = "irregular"  # the shape read for a region that fits no template
 MIN_CONVEXITY = 0.90  # circles, squares, triangles are convex: rendered ≥ 0.98, through the VAE ≥ 0.97
 TEMPLATE_SUPERSAMPLE = 16  # templates are drawn at 16× (edges within 1/32 px), scenes at 4×
