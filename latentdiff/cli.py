@@ -17,8 +17,10 @@ from latentdiff import __version__, validation
 # latentdiff.schedulers.registry.SAMPLERS's names, listed here so that `--help` imports no torch (a test keeps the two
 # equal)
 SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-SAMPLER_HELP = "sampler (default: the model's own, from its scheduler_config.json)"
 KARRAS_HELP = "Karras et al. 2022 noise levels (euler, heun, dpmpp_2m, dpmpp_2m_sde)"
+
+# the default of --steps, --guidance and --sampler, said in their help
+_CARRIED = " (default: the model's sampling_settings.json, else diffusers' 50 steps, guidance 7.5)"
 
 
 def _best_device() -> str:
@@ -94,6 +96,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
+    from latentdiff.eval.sweep import format_sweep_table, parse_sweep, plot_sweep, run_sweep
     from latentdiff.lora import find_lora_file
     from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
@@ -106,6 +109,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("grid", "json"):  # check where the results go before the bench runs
         if getattr(args, name):
             validation.check_output_file(Path(getattr(args, name)), overwrite=True, name=f"--{name}")
+    sweep = parse_sweep(args.sweep) if args.sweep else None  # checked before loading any model
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
     else:
@@ -114,37 +118,60 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, args.karras)
+    steps, guidance = pipe.resolve_sampling(args.steps, args.guidance)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
 
-    def generate_fn(texts: list[str], seeds: list[int]) -> list:
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(
-            texts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators
-        ).images
+    def make_generate_fn(steps: int, guidance: float):
+        def generate_fn(texts: list[str], seeds: list[int]) -> list:
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            return pipe(
+                texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+            ).images
+
+        return generate_fn
 
     settings = {
         "model": args.model or "embedded default",
         "sampler": args.sampler or type(pipe.scheduler).__name__,
         "karras": args.karras,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
+        "steps": steps,
+        "guidance_scale": guidance,
         "lora": args.lora,
     }
+    image_size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+    if sweep is not None:
+        name, values = sweep
+        result = run_sweep(
+            lambda v: make_generate_fn(v, guidance) if name == "steps" else make_generate_fn(steps, v),
+            name,
+            values,
+            prompts,
+            vae=pipe.vae,
+            image_size=image_size,
+            settings={**settings, {"guidance": "guidance_scale", "steps": "steps"}[name]: values},
+        )
+        print(format_sweep_table(result))
+        print(f"saved the sweep plot to {plot_sweep(result, args.plot)}")
+        return _write_json(result, args.json)
     result = shapesbench.run_bench(
-        generate_fn,
+        make_generate_fn(steps, guidance),
         prompts,
         vae=pipe.vae,
-        image_size=pipe.unet.config.sample_size * vae_scale_factor(pipe.vae),
+        image_size=image_size,
         settings=settings,
         grid_path=args.grid,
     )
     print(shapesbench.format_table(result))
     if args.grid:
         print(f"saved a sample grid to {args.grid}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict, path: str | None) -> int:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
 
 
@@ -170,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    gen.add_argument("--steps", type=int, default=None, help=f"number of sampling steps{_CARRIED}")
     gen.add_argument(
         "--guidance",
         type=validation.finite_float,
-        default=5.0,
-        help="classifier-free guidance scale (<= 1: off)",
+        default=None,
+        help=f"classifier-free guidance scale (<= 1: off){_CARRIED}",
     )
     gen.add_argument(
         "--seed",
@@ -186,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
     gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     gen.add_argument("--eta", type=validation.finite_float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
@@ -257,9 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="score a model on ShapesBench")
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
-    bench.add_argument("--steps", type=int, default=25)
-    bench.add_argument("--guidance", type=validation.finite_float, default=5.0)
-    bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=SAMPLER_HELP)
+    bench.add_argument("--steps", type=int, default=None, help=f"sampling steps{_CARRIED}")
+    bench.add_argument(
+        "--guidance", type=validation.finite_float, default=None, help=f"guidance scale{_CARRIED}"
+    )
+    bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
     bench.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     bench.add_argument(
         "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
@@ -272,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
+    bench.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="score each value of one setting (guidance or steps), e.g. guidance=1.5,2,3,5,7.5; writes --plot",
+    )
+    bench.add_argument(
+        "--plot", default="shapesbench_sweep.png", help="with --sweep: where to save the plot PNG"
+    )
     bench.set_defaults(func=_cmd_bench)
 
     serve = commands.add_parser(

@@ -27,8 +27,8 @@ def generate(
     output: str | Path,
     model: str | Path | None = None,
     negative: str | None = None,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
     height: int | None = None,
@@ -50,7 +50,9 @@ def generate(
             overwrite.
         model: a diffusers SD folder or hub id; default: the embedded default model.
         negative: negative prompt (default: the empty prompt).
-        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none).
+        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none). Each (and the sampler) defaults
+            to the model folder's sampling settings (`sampling_settings.json`), else to diffusers' defaults (50
+            steps, guidance 7.5, the folder's sampler).
         seed: seed of the first image (image i uses seed + i), 0 .. 2**64 - num_images; None or -1: a fresh random
             seed, logged and saved in the PNGs.
         num_images: how many images; with several, `grid=True` writes one grid at `output`, `grid=False` writes
@@ -89,6 +91,7 @@ def generate(
     )
     pipe.to(device=device, dtype=torch_dtype)
     pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
+    steps, guidance = pipe.resolve_sampling(steps, guidance)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
         pipe.load_lora_weights(path, scale=scale)
@@ -135,12 +138,12 @@ def _output_paths(output: Path, num_images: int, grid: bool) -> list[Path]:
 
 def _check_arguments(
     paths: list[Path],
-    steps: int,
+    steps: int | None,
     num_images: int,
     sampler: str | None,
     karras: bool,
     eta: float,
-    guidance: float,
+    guidance: float | None,
     overwrite: bool,
 ) -> None:
     """Everything that can be checked without a model, so a typo fails in a second, not after loading."""
@@ -152,9 +155,10 @@ def _check_arguments(
         raise ValueError(
             f"output={str(paths[0])!r} must be a .png file name, e.g. {str(paths[0].with_suffix('.png'))!r}."
         )
-    validation.check_finite("guidance", guidance, "5.0")
+    if guidance is not None:
+        validation.check_finite("guidance", guidance, "5.0")
     validation.check_finite("eta", eta, "0.0")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be an int >= 1.")

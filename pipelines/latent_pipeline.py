@@ -37,7 +37,14 @@ from latentdiff.data.tokenizer import closed_vocabulary, unknown_words
 from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.hub import SUBFOLDERS, local_folder
 from latentdiff.models.unet import ConditionalUNet
-from latentdiff.schedulers.registry import scheduler_from_folder_config
+from latentdiff.sampling_settings import (
+    DIFFUSERS_DEFAULTS,
+    SETTINGS_FILE,
+    SamplingSettings,
+    read_sampling_settings,
+    write_sampling_settings,
+)
+from latentdiff.schedulers.registry import SAMPLERS, sampler_from_config, scheduler_from_folder_config
 from pipelines.classifier_guidance import (
     alpha_prod_at,
     check_class_labels,
@@ -100,10 +107,19 @@ class LatentPipeline(LoraMixin):
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
     Diffusion folder. A prompt given at construction, `LatentPipeline("a red circle")()` (or `prompt=` with the
     parts), is used by calls that name none; a model path there is refused with a pointer to `from_pretrained`.
+    A folder's recommended sampling settings (`sampling_settings.json`, see `latentdiff.sampling_settings`) are
+    kept in `sampling_settings` and used by `__call__` for what the caller does not set.
     """
 
     def __init__(
-        self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, prompt=None
+        self,
+        unet=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        prompt=None,
+        sampling_settings: SamplingSettings | None = None,
     ) -> None:
         # LatentPipeline("a prompt"): the embedded default, with that prompt
         if isinstance(unet, str | list | tuple):
@@ -125,6 +141,7 @@ class LatentPipeline(LoraMixin):
                     "LatentPipeline.from_pretrained('path/to/folder' or 'hub-owner/model-id')."
                 )
             parts = _load_parts(DEFAULT_MODEL_DIR)
+            sampling_settings = parts.pop("sampling_settings")
         missing = [name for name, part in parts.items() if part is None]
         if missing:
             raise TypeError(
@@ -136,6 +153,7 @@ class LatentPipeline(LoraMixin):
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
+        self.sampling_settings = sampling_settings or SamplingSettings()
         self._progress_bar_config: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -155,16 +173,24 @@ class LatentPipeline(LoraMixin):
             scheduler: a sampler to use instead of the folder's (this project's or any diffusers scheduler); by
                 default the folder's scheduler config loads this project's sampler of that name (Euler, Euler
                 ancestral, Heun, DPM-Solver multistep), and DDPM, DDIM or PNDM configs (as SD ships) load its
-                `DDIMScheduler` (see `latentdiff.schedulers.registry.scheduler_from_folder_config`).
+                `DDIMScheduler` (see `latentdiff.schedulers.registry.scheduler_from_folder_config`); a folder's
+                `sampling_settings.json` naming a sampler (`latentdiff.schedulers.registry.SAMPLERS`) loads that one.
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
 
-    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
-        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, and a model card
-        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`).
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        model_card: str | None = None,
+        sampling_settings: SamplingSettings | None = None,
+    ) -> None:
+        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, a model card
+        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`) and `sampling_settings.json`.
 
         diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
         format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
+        sampling_settings: the model's recommended sampling settings, written to `sampling_settings.json`
+        (default: the ones this pipeline carries; none carried and none given: no file, so diffusers' defaults).
         """
         import diffusers
 
@@ -188,6 +214,11 @@ class LatentPipeline(LoraMixin):
             "vae": ["diffusers", type(self.vae).__name__],
         }
         (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        settings = sampling_settings or self.sampling_settings
+        if settings.to_dict():
+            write_sampling_settings(directory, settings)
+        else:
+            (directory / SETTINGS_FILE).unlink(missing_ok=True)  # a stale file would speak for this model
         (directory / CARD_NAME).write_text(model_card or pipeline_card(directory))
 
     # ------------------------------------------------------------------------------------- device and bars
@@ -225,8 +256,8 @@ class LatentPipeline(LoraMixin):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -249,8 +280,10 @@ class LatentPipeline(LoraMixin):
                 given at construction.
             negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
                 empty prompt. Only used when guidance_scale > 1.
-            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
-            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone.
+            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps; default: the model
+                folder's sampling settings, else 50 (diffusers' default).
+            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone; default: the
+                model folder's sampling settings, else 7.5 (diffusers' default).
             guidance_rescale: φ in [0, 1] of Lin et al. 2023 against over-exposure; 0 turns it off.
             num_images_per_prompt: N images per prompt; the batch is B = P · N, prompt-major.
             height, width: image size in pixels, divisible by the VAE factor × the UNet's down-sampling factor;
@@ -279,6 +312,7 @@ class LatentPipeline(LoraMixin):
         """
         if prompt is None and prompt_embeds is None:
             prompt = self.prompt  # the prompt given at construction, if any
+        num_inference_steps, guidance_scale = self.resolve_sampling(num_inference_steps, guidance_scale)
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
         validation.check_generator(generator)
@@ -375,6 +409,19 @@ class LatentPipeline(LoraMixin):
         if "generator" in accepted and not per_image_noise:
             step_kwargs["generator"] = generator
         return step_kwargs, per_image_noise
+
+    def resolve_sampling(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> tuple[int, float]:
+        """(steps, guidance) a call uses: each as given, else the carried sampling settings', else diffusers'."""
+        sources = (self.sampling_settings, DIFFUSERS_DEFAULTS)
+        if num_inference_steps is None:
+            num_inference_steps = next(
+                s.num_inference_steps for s in sources if s.num_inference_steps is not None
+            )
+        if guidance_scale is None:
+            guidance_scale = next(s.guidance_scale for s in sources if s.guidance_scale is not None)
+        return num_inference_steps, guidance_scale
 
     def _check_scalars(
         self,
@@ -622,7 +669,8 @@ def _model_dir(path_or_hub_id: str | Path) -> Path:
 
 
 def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, scheduler=None) -> dict[str, Any]:
-    """The five parts of the SD folder `directory`, as `LatentPipeline(**parts)` takes them."""
+    """The five parts of the SD folder `directory` and its sampling settings, as `LatentPipeline(**parts)` takes
+    them; the sampler is the one its sampling settings name, built from its scheduler config."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -641,10 +689,19 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
     dtype = torch.float32 if torch_dtype is None else torch_dtype
     for name in ("unet", "vae", "text_encoder"):  # a truncated file is named here, not deep inside a loader
         validation.check_safetensors_folder(directory / name)
+    settings = read_sampling_settings(directory)
+    if settings.sampler is not None and settings.sampler not in SAMPLERS:
+        raise ValueError(
+            f"{directory / SETTINGS_FILE}: sampler={settings.sampler!r} is not one of {list(SAMPLERS)}; "
+            "fix the file or delete it to use diffusers' defaults."
+        )
     if scheduler is None:
         config_file = directory / "scheduler" / "scheduler_config.json"
         scheduler = scheduler_from_folder_config(validation.read_json_file(config_file))
+        if settings.sampler is not None:
+            scheduler = sampler_from_config(settings.sampler, scheduler.config)
     return {
+        "sampling_settings": settings,
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,
         "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),

@@ -20,11 +20,12 @@ import torch
 from latentdiff import cli, lora
 from latentdiff.data import shapes
 from latentdiff.data.tokenizer import closed_vocabulary
+from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.generate import generate
 from latentdiff.models.unet import ConditionalUNet
 from latentdiff.noise_schedule import make_betas
 from latentdiff.schedulers import DDIMScheduler
-from pipelines.latent_pipeline import DEFAULT_MODEL_DIR, LatentPipeline
+from pipelines.latent_pipeline import LatentPipeline
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

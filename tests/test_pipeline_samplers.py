@@ -166,6 +166,8 @@ def test_cli_generate_with_a_sampler_and_karras_writes_that_samplers_image(
         "3",
         "--seed",
         "5",
+        "--guidance",
+        "5",
         "-o",
         str(out),
     ]

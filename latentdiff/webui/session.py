@@ -26,9 +26,6 @@ from latentdiff.webui.forms import Choices, EditImage, TextToImage
 
 logger = logging.getLogger(__name__)
 
-# When the model folder carries no sampling settings: the CLI's defaults, at which the README measures the default.
-FALLBACK_STEPS = 25
-FALLBACK_GUIDANCE = 5.0
 # The editing pipelines the edit panel drives, by their names in `pipelines` (absent in this version).
 EDIT_PIPELINES = {"img2img": "LatentImg2ImgPipeline", "inpaint": "LatentInpaintPipeline"}
 
@@ -163,9 +160,10 @@ class ModelSession:
         )
 
     def defaults(self) -> dict[str, Any]:
-        """The form's starting values: the settings the model carries (`pipe.sampling_settings`, when this version's
-        pipeline reads them from the folder), else FALLBACK_*, the sampler its folder names, its native size."""
-        carried = getattr(self.load(), "sampling_settings", None)
+        """The form's starting values: the settings the model carries (its folder's `sampling_settings.json`), else
+        diffusers' defaults and the sampler its folder's scheduler config names; its native size."""
+        pipe = self.load()
+        steps, guidance = pipe.resolve_sampling()
         from latentdiff.schedulers.registry import SAMPLERS
 
         folder_sampler = next(
@@ -173,9 +171,9 @@ class ModelSession:
         )
         side = self.native_side()
         return {
-            "sampler": getattr(carried, "sampler", None) or folder_sampler,
-            "steps": getattr(carried, "num_inference_steps", None) or FALLBACK_STEPS,
-            "guidance": getattr(carried, "guidance_scale", None) or FALLBACK_GUIDANCE,
+            "sampler": pipe.sampling_settings.sampler or folder_sampler,
+            "steps": steps,
+            "guidance": guidance,
             "width": side,
             "height": side,
             "num_images": 1,
