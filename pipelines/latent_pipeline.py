@@ -260,30 +260,101 @@ class LatentPipeline(LoraMixin):
         do_guidance = guidance_scale > 1.0
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
+        self._check_unet_takes_latents()
+        context = self._context(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_guidance
+        )
+        batch_size = context.shape[0] // 2 if do_guidance else context.shape[0]
+        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self._denoise(
+            latents,
+            self.scheduler.timesteps,
+            context,
+            guidance_scale,
+            guidance_rescale,
+            generator,
+            eta,
+            callback_on_step_end,
+        )
+        return PipelineOutput(images=self._to_output(latents, output_type))
+
+    # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _context(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_images_per_prompt: int,
+        do_guidance: bool,
+    ) -> torch.Tensor:
+        """The UNet's cross-attention context for a batch of B = P · N images: (B, L, D), or (2B, L, D) ordered
+        [uncond, cond] with guidance, so that one UNet call serves both branches."""
         cond, uncond = self._text_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
-        batch_size = cond.shape[0] * num_images_per_prompt
         # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
         context = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
             context = torch.cat([uncond.repeat_interleave(num_images_per_prompt, dim=0), context])
-        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        return context
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+    def _guided_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        extra_channels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model output at z_t, classifier-free guided when the context holds both branches (table above).
+
+        latents: z_t (B, C, h, w); context: (B, L, D), or (2B, L, D) as [uncond, cond]; extra_channels: (B, C', h,
+        w) appended to the scaled input along channels (an inpainting UNet's mask and masked-image latents).
+        """
+        do_guidance = context.shape[0] == 2 * latents.shape[0]
+        model_input = torch.cat([latents, latents]) if do_guidance else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            extra = torch.cat([extra_channels, extra_channels]) if do_guidance else extra_channels
+            model_input = torch.cat([model_input, extra], dim=1)
+        model_output = self.unet(model_input, t, context)
+        if not do_guidance:
+            return model_output
+        model_output_uncond, model_output_cond = model_output.chunk(2)
+        model_output = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
+        if guidance_rescale > 0.0:
+            model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
+        return model_output
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: float,
+        guidance_rescale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        eta: float,
+        callback_on_step_end: Callable[..., dict | None] | None = None,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop every pipeline shares: z_t -> z_{t'} over `timesteps` (a tail of the scheduler's own).
+
+        latents: the z at the first of `timesteps`, (B, C, h, w); extra_channels: see `_guided_prediction`;
+        after_step(t, z_{t'}) -> z_{t'} runs after each sampler step (inpainting re-imposes the known region there).
+        Returns z at the end of the chain, (B, C, h, w).
+        """
         step_generator = None if isinstance(generator, list) else generator
-        with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                model_output = self.unet(model_input, t, context)
-                if do_guidance:
-                    model_output_uncond, model_output_cond = model_output.chunk(2)
-                    model_output = model_output_uncond + guidance_scale * (
-                        model_output_cond - model_output_uncond
-                    )
-                    if guidance_rescale > 0.0:
-                        model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
+        with tqdm(total=len(timesteps), **self._progress_bar_config) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_output = self._guided_prediction(
+                    latents, t, context, guidance_scale, guidance_rescale, extra_channels
+                )
                 # per-image generators: draw the step's noise here, image by image
                 variance_noise = None
                 if isinstance(generator, list):
@@ -291,14 +362,14 @@ class LatentPipeline(LoraMixin):
                 latents = self.scheduler.step(
                     model_output, t, latents, eta=eta, generator=step_generator, variance_noise=variance_noise
                 ).prev_sample
+                if after_step is not None:
+                    latents = after_step(t, latents)
                 if callback_on_step_end is not None:
                     replaced = callback_on_step_end(self, i, t, {"latents": latents})
                     if replaced:
                         latents = replaced.get("latents", latents)
                 progress_bar.update()
-        return PipelineOutput(images=self._to_output(latents, output_type))
-
-    # ----------------------------------------------------------------------------------- __call__'s parts
+        return latents
 
     def _check_scalars(
         self,
@@ -324,6 +395,16 @@ class LatentPipeline(LoraMixin):
             raise ValueError(f"num_images_per_prompt={num_images!r} must be an int >= 1.")
         if eta < 0.0:
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like variance).")
+
+    def _check_unet_takes_latents(self) -> None:
+        """A UNet whose input is more than the latents (an SD-inpainting UNet) cannot run this pipeline."""
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels != latent_channels:
+            raise ValueError(
+                f"the UNet takes {self.unet.config.in_channels} input channels but the VAE's latents have "
+                f"{latent_channels}: an inpainting UNet ({2 * latent_channels + 1} channels: latents, mask, "
+                "masked-image latents) runs in LatentInpaintPipeline, with an image and a mask."
+            )
 
     def _check_output(self, output_type: str, callback_on_step_end) -> None:
         if output_type not in OUTPUT_TYPES:
@@ -403,7 +484,7 @@ class LatentPipeline(LoraMixin):
                     f"{vae_factor} × the UNet's down-sampling factor {self.unet.downsample_factor}), "
                     f"e.g. {default_side}."
                 )
-        shape = (batch_size, self.unet.config.in_channels, height // vae_factor, width // vae_factor)
+        shape = (batch_size, self.vae.config.latent_channels, height // vae_factor, width // vae_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} but the batch has {batch_size} images "
@@ -414,7 +495,7 @@ class LatentPipeline(LoraMixin):
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents has shape {tuple(latents.shape)} but this call needs {shape} (batch = prompts × "
-                "num_images_per_prompt, UNet in_channels, height / VAE factor, width / VAE factor)."
+                "num_images_per_prompt, VAE latent_channels, height / VAE factor, width / VAE factor)."
             )
         latents = latents.to(device=self.device, dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
