@@ -33,6 +33,7 @@ import latentdiff
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
 from latentdiff.models.unet import ConditionalUNet
 from latentdiff.schedulers import DDIMScheduler
+from pipelines.inversion import InversionMixin
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-class LatentPipeline(LoraMixin):
+class LatentPipeline(InversionMixin, LoraMixin):
     """Text-to-image generation with classifier-free guidance over a VAE latent space.
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
@@ -158,6 +159,14 @@ class LatentPipeline(LoraMixin):
                 DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`.
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
+
+    @classmethod
+    def from_pipe(cls, pipeline: LatentPipeline) -> LatentPipeline:
+        """This class over another pipeline's five parts, shared rather than copied (as diffusers' `from_pipe`):
+        `LatentInpaintPipeline.from_pipe(pipe)` inpaints with the model `pipe` has loaded, adapters included."""
+        new = cls(pipeline.unet, pipeline.scheduler, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer)
+        new.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write the diffusers Stable Diffusion layout: `model_index.json` and one subfolder per part.
@@ -503,7 +512,15 @@ class LatentPipeline(LoraMixin):
     def _to_output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        images = (decode_latents(self.vae, latents).float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        return self._images_as(self._decode(latents), output_type)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> float32 images (B, 3, H, W) in [0, 1]."""
+        return (decode_latents(self.vae, latents).float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+
+    @staticmethod
+    def _images_as(images: torch.Tensor, output_type: str):
+        """Images (B, 3, H, W) in [0, 1] as `output_type` ("pt", "np" or "pil"; see `PipelineOutput`)."""
         if output_type == "pt":
             return images
         images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
