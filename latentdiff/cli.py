@@ -1,4 +1,4 @@
-"""The `latentdiff` command line: `latentdiff generate | make-dataset | bench`.
+"""The `latentdiff` command line: `latentdiff generate | edit | inpaint | make-dataset | bench`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
 inside the command that needs them, so `latentdiff --help` is instant.
@@ -46,6 +46,53 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"saved {path}")
     return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from latentdiff.edit import edit_image, inpaint_image
+
+    settings = dict(
+        output=args.output,
+        strength=args.strength,
+        model=args.model,
+        negative=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        sampler=args.sampler,
+        eta=args.eta,
+        loras=[_lora_spec(spec) for spec in args.lora],
+    )
+    if args.command == "inpaint":
+        paths = inpaint_image(args.image, args.mask, args.prompt, **settings)
+    else:
+        paths = edit_image(args.image, args.prompt, **settings)
+    for path in paths:
+        print(f"saved {path}")
+    return 0
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `generate`, `edit` and `inpaint` share."""
+    parser.add_argument(
+        "-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="SD-layout folder or hub id (default: the embedded model)"
+    )
+    parser.add_argument("--negative", default=None, help="negative prompt")
+    parser.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
+    )
 
 
 def _cmd_make_dataset(args: argparse.Namespace) -> int:
@@ -116,6 +163,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def edit_bench_fn(pipe, steps: int, guidance: float, strength: float, invert_guidance: float):
+    """The edit function of ShapesBench edits (latentdiff.eval.edits) over a loaded LatentPipeline: recolour by
+    image-to-image at `strength`, add and remove by inpainting (strength 1), invert by DDIM inversion (guidance 1)
+    then sampling with the edited prompt at `invert_guidance`. Case i's noise comes from seed i."""
+    import torch
+
+    from pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
+
+    img2img, inpaint = LatentImg2ImgPipeline.from_pipe(pipe), LatentInpaintPipeline.from_pipe(pipe)
+    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+
+    def edit(kind: str, cases: list) -> list:
+        images = [case.start_image(size) for case in cases]
+        prompts = [case.prompt for case in cases]
+        generators = [torch.Generator().manual_seed(case.seed) for case in cases]
+        common = dict(num_inference_steps=steps, generator=generators)
+        if kind == "recolour":
+            return img2img(prompts, image=images, strength=strength, guidance_scale=guidance, **common).images
+        if kind in ("add", "remove"):
+            masks = [case.mask_image() for case in cases]
+            return inpaint(prompts, image=images, mask_image=masks, guidance_scale=guidance, **common).images
+        z_T = pipe.invert(images, [case.source_prompt for case in cases], num_inference_steps=steps)
+        return pipe(prompts, latents=z_T, num_inference_steps=steps, guidance_scale=invert_guidance).images
+
+    return edit
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent text-to-image diffusion.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
@@ -140,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
     gen.set_defaults(func=_cmd_generate)
+
+    edit = commands.add_parser("edit", help="image-to-image: redraw an image toward a prompt (SDEdit)")
+    edit.add_argument("image", help="the image to edit (PNG in; its size is the output's)")
+    edit.add_argument("prompt", help="the text the result should match")
+    edit.add_argument(
+        "--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it (default 0.6)"
+    )
+    _add_sampling_flags(edit)
+    edit.set_defaults(func=_cmd_edit)
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask; keep every other pixel")
+    inpaint.add_argument("image", help="the image to inpaint (PNG)")
+    inpaint.add_argument(
+        "mask", help="a PNG of the image's size: white (255) repaint, black (0) keep, nothing else"
+    )
+    inpaint.add_argument("prompt", help="what the result should show (the whole scene's caption works best)")
+    inpaint.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="1 repaints from noise; less keeps some of the masked part",
+    )
+    _add_sampling_flags(inpaint)
+    inpaint.set_defaults(func=_cmd_edit)
 
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")

@@ -58,33 +58,16 @@ def generate(
     Returns:
         The paths written.
     """
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
-    from pipelines.latent_pipeline import DEFAULT_MODEL_DIR, LatentPipeline
+    from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
     _check_arguments(output, steps, num_images, sampler, eta)
-    if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-        raise ValueError(
-            f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
-            "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
-        )
+    _check_model(model)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     logger.info("generating %d image(s) for %r with seed %d", num_images, prompt, seed)
 
-    pipe = (
-        LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-    )
-    pipe.to(device=device, dtype=torch_dtype)
-    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
-    for lora in loras:
-        path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
-        if not hasattr(pipe, "load_lora_weights"):
-            raise NotImplementedError("loras: this LatentPipeline has no load_lora_weights yet.")
-        pipe.load_lora_weights(path, scale=scale)
-
+    pipe = load_pipeline(LatentPipeline, model, sampler, loras, device, torch_dtype)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     images = pipe(
         prompt,
@@ -104,9 +87,15 @@ def generate(
         "model": str(model or "embedded default"),
     }
     settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
-    if num_images == 1 or grid:
-        image = images[0] if num_images == 1 else image_grid(images)
-        seeds = str(seed) if num_images == 1 else f"{seed}..{seed + num_images - 1} (row by row)"
+    return save_images(images, output, settings, seed, grid)
+
+
+def save_images(images: list, output: Path, settings: dict[str, str], seed: int, grid: bool) -> list[Path]:
+    """Write images made with seeds seed, seed + 1, ...: one PNG at `output` (a grid of several when `grid`) or
+    numbered files `<stem>-1.png ...`; each PNG carries `settings` and its seed(s) as text chunks."""
+    if len(images) == 1 or grid:
+        image = images[0] if len(images) == 1 else image_grid(images)
+        seeds = str(seed) if len(images) == 1 else f"{seed}..{seed + len(images) - 1} (row by row)"
         image.save(output, pnginfo=_png_text({**settings, "seed": seeds}))
         return [output]
     paths = []
@@ -115,6 +104,41 @@ def generate(
         image.save(path, pnginfo=_png_text({**settings, "seed": str(seed + i)}))
         paths.append(path)
     return paths
+
+
+def load_pipeline(
+    pipeline_class,
+    model: str | Path | None,
+    sampler: str,
+    loras: Sequence[str | Path | tuple[str | Path, float]],
+    device: str | torch.device,
+    torch_dtype: torch.dtype | None,
+):
+    """`pipeline_class` (LatentPipeline or an editing pipeline) over `model` (None: the embedded default), with
+    the sampler and LoRA adapters asked for, on `device` in `torch_dtype`."""
+    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+
+    pipe = (
+        pipeline_class() if model is None else pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+    )
+    pipe.to(device=device, dtype=torch_dtype)
+    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    if type(pipe.scheduler) is not sampler_class:
+        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    for lora in loras:
+        path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
+        pipe.load_lora_weights(path, scale=scale)
+    return pipe
+
+
+def _check_model(model: str | Path | None) -> None:
+    from pipelines.latent_pipeline import DEFAULT_MODEL_DIR
+
+    if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        raise ValueError(
+            f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
+            "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
+        )
 
 
 def image_grid(images: list) -> object:

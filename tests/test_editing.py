@@ -20,6 +20,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from latentdiff.cli import main
 from latentdiff.conditioning import encode_images
 from latentdiff.data.shapes import ObjectSpec, Scene, render_scene
 from pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline, LatentPipeline
@@ -349,3 +350,57 @@ def test_an_inpainting_unet_needs_the_inpainting_pipeline(tiny_inpainting_dir):
     ):
         with pytest.raises(ValueError, match="takes 9 input channels.*LatentInpaintPipeline"):
             call()
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_cli_edit_and_inpaint_write_the_pipelines_images(img2img, inpaint, tiny_sd_dir, tmp_path):
+    scene_image().save(tmp_path / "in.png")
+    square_mask().save(tmp_path / "mask.png")
+    flags = ["--model", str(tiny_sd_dir), "--steps", str(STEPS), "--seed", "3", "--guidance", "4"]
+    assert (
+        main(
+            [
+                "edit",
+                str(tmp_path / "in.png"),
+                PROMPT,
+                "--strength",
+                "0.5",
+                "-o",
+                str(tmp_path / "e.png"),
+                *flags,
+            ]
+        )
+        == 0
+    )
+    args = [
+        "inpaint",
+        str(tmp_path / "in.png"),
+        str(tmp_path / "mask.png"),
+        PROMPT,
+        "-o",
+        str(tmp_path / "i.png"),
+    ]
+    assert main([*args, *flags]) == 0
+    common = dict(num_inference_steps=STEPS, guidance_scale=4.0)
+    [edited] = img2img(PROMPT, image=scene_image(), strength=0.5, generator=seeded(3), **common).images
+    [inpainted] = inpaint(
+        PROMPT, image=scene_image(), mask_image=square_mask(), generator=seeded(3), **common
+    ).images
+    written = Image.open(tmp_path / "e.png")
+    assert written.text["strength"] == "0.5" and written.text["seed"] == "3"
+    assert np.array_equal(np.asarray(written), np.asarray(edited))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "i.png")), np.asarray(inpainted))
+
+
+def test_cli_names_a_bad_mask_file_and_a_missing_image(tiny_sd_dir, tmp_path, capsys):
+    scene_image().save(tmp_path / "in.png")
+    grey_mask().save(tmp_path / "grey.png")
+    out = ["-o", str(tmp_path / "o.png"), "--model", str(tiny_sd_dir), "--steps", "1"]
+    assert main(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "grey.png"), PROMPT, *out]) == 2
+    assert "mask_image is not binary" in capsys.readouterr().err
+    assert main(["edit", str(tmp_path / "nowhere.png"), PROMPT, *out]) == 2
+    assert "image=" in (err := capsys.readouterr().err) and "no such file" in err
+    assert main(["edit", str(tmp_path / "in.png"), PROMPT, "--strength", "1.2", *out]) == 2
+    assert "strength=1.2" in capsys.readouterr().err
