@@ -37,6 +37,9 @@ from latentdiff.data.shapes import (
     HELD_OUT_PAIRS,
     OBJECT_COLORS,
     POSITIONS,
+    SHAPES,
+    SIZES,
+    ObjectSpec,
     Scene,
     describe_scene,
     format_caption,
@@ -58,20 +61,29 @@ EditFn = Callable[[str, list["EditCase"]], list[Image.Image]]
 
 @dataclass(frozen=True)
 class EditCase:
-    """One edit: the start scene, the prompt(s) the edit is made with, the caption it is scored against.
+    """One edit: the start scene, the edited scene it should become, and for inpainting the mask.
 
-    source_prompt: the start scene's full caption (what inversion conditions on); prompt: the edit's prompt;
-    target: the edited scene's full caption; mask: (H, W) bool, True = repaint (inpainting kinds, else None);
-    seed: the case's index, the seed of its noise.
+    seed: the case's index within its kind, the seed of its noise; mask: (H, W) bool, True = repaint (inpainting
+    kinds; None otherwise). Every kind's edit prompt is the edited scene's full caption (`target`).
     """
 
     kind: str
     seed: int
     start: Scene
-    source_prompt: str
-    prompt: str
-    target: str
+    edited: Scene
     mask: np.ndarray | None = None
+
+    @property
+    def source_prompt(self) -> str:
+        """The start scene's full caption (what inversion conditions on)."""
+        return _caption(self.start)
+
+    @property
+    def target(self) -> str:
+        """The edited scene's full caption: the edit's prompt and what the result is scored against."""
+        return _caption(self.edited)
+
+    prompt = target
 
     def start_image(self, size: int) -> Image.Image:
         return render_scene(self.start, size)
@@ -91,7 +103,9 @@ def _new_colour(rng: np.random.Generator, colour: str, shape: str) -> str:
     return str(rng.choice(choices))
 
 
-def _box_pixels(box: tuple[float, float, float, float], size: int, grid: int, margin: int = 0) -> tuple[int, ...]:
+def _box_pixels(
+    box: tuple[float, float, float, float], size: int, grid: int, margin: int = 0
+) -> tuple[int, ...]:
     """A box in units of S, grown by `margin` px, then outward to multiples of `grid` px, clipped to the canvas:
     (x0, y0, x1, y1) in pixels, exclusive ends."""
     x0, y0, x1, y1 = (v * size for v in box)
@@ -116,21 +130,32 @@ def _recolour_case(kind: str, index: int, rng: np.random.Generator) -> EditCase:
     start = sample_scene(rng, num_objects=1)
     obj = start.objects[0]
     edited = Scene(start.background, (replace(obj, color=_new_colour(rng, obj.color, obj.shape)),))
-    return EditCase(kind, index, start, _caption(start), _caption(edited), _caption(edited))
+    return EditCase(kind, index, start, edited)
 
 
 def _add_case(index: int, rng: np.random.Generator, size: int, grid: int) -> EditCase:
-    start = sample_scene(rng, num_objects=1)
-    # a second object drawn in a free cell, kept only if that cell's box clears the first object
+    """A one-object scene and a new object in a free cell whose mask box clears the first object (a start scene
+    with no such cell, a large object in the centre, is drawn again)."""
     while True:
-        drawn = sample_scene(rng, num_objects=1)
-        new = drawn.objects[0]
-        row, col = POSITIONS[new.position]
-        cell = _box_pixels((col / 3, row / 3, (col + 1) / 3, (row + 1) / 3), size, grid)
-        if new.position != start.objects[0].position and not _overlaps(cell, start.objects[0].bbox(), size):
+        start = sample_scene(rng, num_objects=1)
+        first = start.objects[0]
+        cells = {
+            position: _cell_box(position, size, grid) for position in POSITIONS if position != first.position
+        }
+        free = [position for position, box in cells.items() if not _overlaps(box, first.bbox(), size)]
+        if free:
             break
-    edited = Scene(start.background, (start.objects[0], new))
-    return EditCase("add", index, start, _caption(start), _caption(edited), _caption(edited), _mask(cell, size))
+    position = free[int(rng.integers(len(free)))]
+    pairs = [(c, s) for c in OBJECT_COLORS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS]
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    new = ObjectSpec(colour, shape, str(rng.choice(list(SIZES))), position)
+    edited = Scene(start.background, (first, new))
+    return EditCase("add", index, start, edited, _mask(cells[position], size))
+
+
+def _cell_box(position: str, size: int, grid: int) -> tuple[int, ...]:
+    row, col = POSITIONS[position]
+    return _box_pixels((col / 3, row / 3, (col + 1) / 3, (row + 1) / 3), size, grid)
 
 
 def _remove_case(index: int, rng: np.random.Generator, size: int, grid: int) -> EditCase:
@@ -142,7 +167,7 @@ def _remove_case(index: int, rng: np.random.Generator, size: int, grid: int) -> 
         if not _overlaps(box, kept.bbox(), size):
             break
     edited = Scene(start.background, (kept,))
-    return EditCase("remove", index, start, _caption(start), _caption(edited), _caption(edited), _mask(box, size))
+    return EditCase("remove", index, start, edited, _mask(box, size))
 
 
 def edit_cases(
@@ -199,7 +224,9 @@ def run_edit_bench(
         pairs = [(c, image) for c, image in zip(order, images) if c.kind == kind]
         scores: dict = {
             "full_match": float(np.mean([evaluate(image, c.target).full_match for c, image in pairs])),
-            "unedited": float(np.mean([evaluate(c.start_image(size), c.target).full_match for c, _ in pairs])),
+            "unedited": float(
+                np.mean([evaluate(c.start_image(size), c.target).full_match for c, _ in pairs])
+            ),
             "num_cases": len(pairs),
         }
         if kind in INPAINT_KINDS:
