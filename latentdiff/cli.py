@@ -120,6 +120,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
     from pipelines.latent_pipeline import LatentPipeline
 
+    if args.edits:
+        return _cmd_bench_edits(args)
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
     else:
@@ -163,16 +165,56 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_edits(args: argparse.Namespace) -> int:
+    from latentdiff.conditioning import vae_scale_factor
+    from latentdiff.eval import edits
+    from latentdiff.eval.shapesbench import save_grid
+    from latentdiff.generate import load_pipeline
+    from pipelines.latent_pipeline import LatentPipeline
+
+    pipe = load_pipeline(
+        LatentPipeline, args.model, args.sampler, [_lora_spec(s) for s in args.lora], "cpu", None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    vae_factor = vae_scale_factor(pipe.vae)
+    size = pipe.unet.config.sample_size * vae_factor
+    cases = edits.edit_cases(per_kind=args.edit_cases, size=size, grid=vae_factor)
+    settings = {
+        "model": args.model or "embedded default",
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "recolour_strength": args.strength,
+        "invert_guidance_scale": args.invert_guidance,
+    }
+    edit_fn = edit_bench_fn(pipe, args.steps, args.guidance, args.strength, args.invert_guidance)
+    result, images = edits.run_edit_bench(edit_fn, cases, size=size, settings=settings)
+    print(edits.format_edit_table(result))
+    if args.grid:
+        shown = [
+            i for kind in edits.EDIT_KINDS for i in [j for j, c in enumerate(cases) if c.kind == kind][:3]
+        ]
+        pictures = [p for i in shown for p in (cases[i].start_image(size), images[i])]
+        captions = [t for i in shown for t in (f"{cases[i].kind}: {cases[i].source_prompt}", cases[i].target)]
+        save_grid(pictures, captions, args.grid, columns=6)
+        print(f"saved before/after pairs to {args.grid}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def edit_bench_fn(pipe, steps: int, guidance: float, strength: float, invert_guidance: float):
     """The edit function of ShapesBench edits (latentdiff.eval.edits) over a loaded LatentPipeline: recolour by
     image-to-image at `strength`, add and remove by inpainting (strength 1), invert by DDIM inversion (guidance 1)
     then sampling with the edited prompt at `invert_guidance`. Case i's noise comes from seed i."""
     import torch
 
+    from latentdiff.conditioning import vae_scale_factor
     from pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
 
     img2img, inpaint = LatentImg2ImgPipeline.from_pipe(pipe), LatentInpaintPipeline.from_pipe(pipe)
-    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
 
     def edit(kind: str, cases: list) -> list:
         images = [case.start_image(size) for case in cases]
@@ -278,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
+    bench.add_argument(
+        "--edits",
+        action="store_true",
+        help="score edits instead (recolour, add, remove, invert; see latentdiff/eval/edits.py)",
+    )
+    bench.add_argument("--edit-cases", type=int, default=24, help="with --edits: cases per edit kind")
+    bench.add_argument("--strength", type=float, default=0.7, help="with --edits: the recolour strength")
+    bench.add_argument(
+        "--invert-guidance",
+        type=float,
+        default=1.0,
+        help="with --edits: guidance when sampling after inversion",
+    )
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -108,7 +108,8 @@ class LatentPipeline(InversionMixin, LoraMixin):
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
-    Diffusion folder.
+    Diffusion folder. `pipe.invert(image, prompt, num_inference_steps)` is DDIM inversion (pipelines/inversion.py);
+    the editing pipelines (img2img_pipeline.py, inpaint_pipeline.py) subclass this one and share its steps.
     """
 
     def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None) -> None:

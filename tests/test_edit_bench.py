@@ -6,10 +6,13 @@ inpainting masks; an edit that changes nothing must score 0.0 (the start never a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from latentdiff.cli import main
 from latentdiff.data.shapes import render_scene
 from latentdiff.eval import edits
 
@@ -73,3 +76,17 @@ def test_an_oracle_scores_one_and_keeps_the_outside_and_doing_nothing_scores_zer
 def test_an_edit_function_returning_too_few_images_is_named(cases):
     with pytest.raises(ValueError, match="returned 0 images for 6 recolour cases"):
         edits.run_edit_bench(lambda kind, batch: [], cases, size=SIZE, progress=False)
+
+
+def test_bench_edits_command_runs_every_kind_and_keeps_the_outside_exactly(tiny_sd_dir, tmp_path):
+    """The whole path on the tiny SD folder (random weights, so only the mechanics are checked: four kinds scored,
+    a grid and JSON written, and inpainting changes no pixel outside its masks)."""
+    arguments = ["bench", "--edits", "--model", str(tiny_sd_dir), "--edit-cases", "2", "--steps", "2"]
+    files = ["--json", str(tmp_path / "edits.json"), "--grid", str(tmp_path / "edits.png")]
+    assert main([*arguments, *files]) == 0
+    result = json.loads((tmp_path / "edits.json").read_text())
+    assert [kind for kind in result if kind != "settings"] == list(edits.EDIT_KINDS)
+    assert all(result[kind]["num_cases"] == 2 for kind in edits.EDIT_KINDS)
+    assert result["add"]["outside_mask_max_change"] == 0 and result["remove"]["outside_mask_max_change"] == 0
+    assert result["settings"]["recolour_strength"] == 0.7
+    assert Image.open(tmp_path / "edits.png").size[0] == 6 * 128
