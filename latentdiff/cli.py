@@ -187,6 +187,10 @@ def _cmd_bench_edits(args: argparse.Namespace) -> int:
         "recolour_strength": args.strength,
         "invert_guidance_scale": args.invert_guidance,
     }
+    if args.inversion_steps:
+        return _print_inversion_psnr(
+            pipe, [c for c in cases if c.kind == "invert"], args.inversion_steps, size
+        )
     edit_fn = edit_bench_fn(pipe, args.steps, args.guidance, args.strength, args.invert_guidance)
     result, images = edits.run_edit_bench(edit_fn, cases, size=size, settings=settings)
     print(edits.format_edit_table(result))
@@ -201,6 +205,36 @@ def _cmd_bench_edits(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+def _print_inversion_psnr(pipe, cases: list, steps_list: str, size: int) -> int:
+    """DDIM inversion's reconstruction PSNR against steps on the invert cases' start scenes (guidance 1)."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from latentdiff.conditioning import decode_latents, encode_images
+    from latentdiff.eval import edits
+
+    def reconstruct(images: list, captions: list, steps: int) -> list:
+        z_T = pipe.invert(images, captions, num_inference_steps=steps)
+        return pipe(captions, latents=z_T, num_inference_steps=steps, guidance_scale=1.0).images
+
+    def round_trip(images: list) -> list:
+        pixels = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1
+        with torch.no_grad():
+            decoded = decode_latents(pipe.vae, encode_images(pipe.vae, pixels)).clamp(-1, 1)
+        uint8 = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [PIL.Image.fromarray(a) for a in uint8]
+
+    steps = [int(n) for n in steps_list.split(",")]
+    result = edits.inversion_psnr(reconstruct, round_trip, steps, cases, size)
+    print(f"DDIM inversion, {len(cases)} start scenes, guidance 1: PSNR (dB) of the reconstruction")
+    print(f"{'steps':>6}{'to the image':>14}{'to its VAE round trip':>24}")
+    for n in steps:
+        print(f"{n:>6}{result[n]['psnr']:>14.2f}{result[n]['psnr_to_round_trip']:>24.2f}")
+    print(f"VAE round trip to the image: {result['vae round trip']:.2f}")
     return 0
 
 
@@ -326,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="score edits instead (recolour, add, remove, invert; see latentdiff/eval/edits.py)",
     )
     bench.add_argument("--edit-cases", type=int, default=24, help="with --edits: cases per edit kind")
+    bench.add_argument(
+        "--inversion-steps",
+        default=None,
+        metavar="N,N,...",
+        help="with --edits: instead, DDIM inversion's reconstruction PSNR at these step counts",
+    )
     bench.add_argument("--strength", type=float, default=0.7, help="with --edits: the recolour strength")
     bench.add_argument(
         "--invert-guidance",

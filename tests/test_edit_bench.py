@@ -90,3 +90,26 @@ def test_bench_edits_command_runs_every_kind_and_keeps_the_outside_exactly(tiny_
     assert result["add"]["outside_mask_max_change"] == 0 and result["remove"]["outside_mask_max_change"] == 0
     assert result["settings"]["recolour_strength"] == 0.7
     assert Image.open(tmp_path / "edits.png").size[0] == 6 * 128
+
+
+def test_psnr_is_the_textbook_formula():
+    black, grey = Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (16, 16, 16))
+    assert edits.psnr(black, black) == float("inf")
+    assert edits.psnr(grey, black) == pytest.approx(10 * np.log10(255**2 / 16**2))
+
+
+def test_inversion_psnr_command_prints_a_row_per_step_count(tiny_sd_dir, capsys):
+    arguments = [
+        "bench",
+        "--edits",
+        "--model",
+        str(tiny_sd_dir),
+        "--edit-cases",
+        "1",
+        "--inversion-steps",
+        "2,3",
+    ]
+    assert main(arguments) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
+    assert lines[-1].startswith("VAE round trip to the image:")

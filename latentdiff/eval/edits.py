@@ -243,6 +243,42 @@ def _outside_change(case: EditCase, image: Image.Image, size: int) -> int:
     return int(np.abs(edited - start)[~case.mask].max())
 
 
+def psnr(image: Image.Image, reference: Image.Image) -> float:
+    """Peak signal-to-noise ratio 10 log₁₀(255² / MSE) in dB over the RGB pixels (inf for equal images)."""
+    difference = np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    mse = float(np.mean(difference**2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+ReconstructFn = Callable[[list[Image.Image], list[str], int], list[Image.Image]]
+
+
+def inversion_psnr(
+    reconstruct_fn: ReconstructFn,
+    round_trip_fn: Callable[[list[Image.Image]], list[Image.Image]],
+    steps: Sequence[int],
+    cases: Sequence[EditCase],
+    size: int = 64,
+) -> dict:
+    """Reconstruction by DDIM inversion against the number of steps, on the start scenes of `cases`.
+
+    reconstruct_fn(images, captions, n) inverts each image with its caption in n steps and samples it back with the
+    same caption (guidance 1); round_trip_fn(images) is the VAE's encode-decode, the ceiling. Returns {"vae round
+    trip": mean PSNR, n: {"psnr": mean PSNR to the image, "psnr_to_round_trip": to its VAE round trip}}.
+    """
+    images = [c.start_image(size) for c in cases]
+    captions = [c.source_prompt for c in cases]
+    round_trips = round_trip_fn(images)
+    result: dict = {"vae round trip": float(np.mean([psnr(r, i) for r, i in zip(round_trips, images)]))}
+    for n in steps:
+        again = reconstruct_fn(images, captions, n)
+        result[n] = {
+            "psnr": float(np.mean([psnr(a, i) for a, i in zip(again, images)])),
+            "psnr_to_round_trip": float(np.mean([psnr(a, r) for a, r in zip(again, round_trips)])),
+        }
+    return result
+
+
 def format_edit_table(result: dict) -> str:
     """A plain-text table of run_edit_bench's scores: one row per kind."""
     header = f"{'edit':<10}{'full_match':>12}{'unedited':>10}{'cases':>7}{'outside-mask max |Δ|':>22}"
