@@ -24,6 +24,8 @@ _EXPORTS = {
     # The pipeline lives in the top-level `pipelines` package (it imports latentdiff, never the reverse at import
     # time); it is re-exported here lazily for `from latentdiff import LatentPipeline`.
     "LatentPipeline": "pipelines.latent_pipeline",
+    "LatentImg2ImgPipeline": "pipelines.img2img_pipeline",
+    "LatentInpaintPipeline": "pipelines.inpaint_pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]

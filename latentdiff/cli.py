@@ -1,4 +1,4 @@
-"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench | serve`.
+"""The `latentdiff` command line: `latentdiff generate | edit | inpaint | convert | make-dataset | bench | serve`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
 inside the command that needs them, so `latentdiff --help` is instant. A user error (a bad value, a missing or
@@ -34,35 +34,36 @@ def _best_device() -> str:
     return "cpu"
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _sampling_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments `generate`, `edit_image` and `inpaint_image` share, from their shared flags; the seed
+    is drawn here when random, so that it can be printed."""
     import torch
 
-    from latentdiff.generate import generate
-
-    loras = [validation.parse_lora_spec(spec) for spec in args.lora]
     seed = validation.check_seed(args.seed, args.num_images)
-    seed = validation.random_seed() if seed is None else seed
-    paths = generate(
-        args.prompt,
+    return dict(
         output=args.output,
         model=args.model,
         negative=args.negative,
         steps=args.steps,
         guidance=args.guidance,
-        seed=seed,
+        seed=validation.random_seed() if seed is None else seed,
         num_images=args.num_images,
-        height=args.height,
-        width=args.width,
         sampler=args.sampler,
         karras=args.karras,
         eta=args.eta,
-        loras=loras,
+        loras=[validation.parse_lora_spec(spec) for spec in args.lora],
         overwrite=args.overwrite,
         device=args.device or _best_device(),
         torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
-    for path in paths:
-        print(f"saved {path} (seed {seed})")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from latentdiff.generate import generate
+
+    settings = _sampling_settings(args)
+    for path in generate(args.prompt, height=args.height, width=args.width, **settings):
+        print(f"saved {path} (seed {settings['seed']})")
     return 0
 
 
@@ -72,6 +73,72 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert_single_file(args.checkpoint, args.out, args.config, args.original_config, args.offline)
     print(f"saved {out} (load it with LatentPipeline.from_pretrained or latentdiff generate --model)")
     return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from latentdiff.edit import edit_image, inpaint_image
+
+    settings = _sampling_settings(args)
+    if args.command == "inpaint":
+        paths = inpaint_image(args.image, args.mask, args.prompt, strength=args.strength, **settings)
+    else:
+        paths = edit_image(args.image, args.prompt, strength=args.strength, **settings)
+    for path in paths:
+        print(f"saved {path} (seed {settings['seed']})")
+    return 0
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `generate`, `edit` and `inpaint` share."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG path (several images: a grid); an existing file is refused unless --overwrite",
+    )
+    parser.add_argument(
+        "--model", default=None, help="SD-layout folder or hub id (default: the embedded model)"
+    )
+    parser.add_argument("--negative", default=None, help="negative prompt")
+    parser.add_argument("--steps", type=int, default=None, help=f"number of sampling steps{_CARRIED}")
+    parser.add_argument(
+        "--guidance",
+        type=validation.finite_float,
+        default=None,
+        help=f"classifier-free guidance scale (<= 1: off){_CARRIED}",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image (default or -1: random; the seed is printed)",
+    )
+    parser.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
+    parser.add_argument("--karras", action="store_true", help=KARRAS_HELP)
+    parser.add_argument(
+        "--eta", type=validation.finite_float, default=0.0, help="DDIM eta (0: deterministic)"
+    )
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "mps", "cpu"],
+        default=None,
+        help="where to run (default: cuda, mps or cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="weights dtype (default float32)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (without it, an existing file is never replaced: the run is refused)",
+    )
 
 
 def _cmd_make_dataset(args: argparse.Namespace) -> int:
@@ -101,6 +168,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
+    if args.edits:
+        from latentdiff.bench_edits import bench_edits
+
+        return bench_edits(args)
     if args.sampler is not None:
         check_sampler(args.sampler, args.karras)
     loras = [validation.parse_lora_spec(spec) for spec in args.lora]
@@ -189,53 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument(
-        "-o",
-        "--output",
-        default="out.png",
-        help="PNG path (several images: a grid); an existing file is refused unless --overwrite",
-    )
-    gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
-    gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=None, help=f"number of sampling steps{_CARRIED}")
-    gen.add_argument(
-        "--guidance",
-        type=validation.finite_float,
-        default=None,
-        help=f"classifier-free guidance scale (<= 1: off){_CARRIED}",
-    )
-    gen.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seed of the first image (default or -1: random; the seed is printed)",
-    )
-    gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
+    _add_sampling_flags(gen)
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
-    gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
-    gen.add_argument("--eta", type=validation.finite_float, default=0.0, help="DDIM eta (0: deterministic)")
-    gen.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
-    )
-    gen.add_argument(
-        "--device",
-        choices=["cuda", "mps", "cpu"],
-        default=None,
-        help="where to run (default: cuda, mps or cpu)",
-    )
-    gen.add_argument(
-        "--dtype",
-        choices=["float16", "bfloat16", "float32"],
-        default=None,
-        help="weights dtype (default float32)",
-    )
-    gen.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output file (without it, an existing file is never replaced: the run is refused)",
-    )
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(
@@ -253,6 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true", help="never reach the hub (--config must be a folder)"
     )
     convert.set_defaults(func=_cmd_convert)
+
+    edit = commands.add_parser("edit", help="image-to-image: redraw an image toward a prompt (SDEdit)")
+    edit.add_argument("image", help="the image to edit (PNG in; its size is the output's)")
+    edit.add_argument("prompt", help="the text the result should match")
+    edit.add_argument(
+        "--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it (default 0.6)"
+    )
+    _add_sampling_flags(edit)
+    edit.set_defaults(func=_cmd_edit)
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask; keep every other pixel")
+    inpaint.add_argument("image", help="the image to inpaint (PNG)")
+    inpaint.add_argument(
+        "mask", help="a PNG of the image's size: white (255) repaint, black (0) keep, nothing else"
+    )
+    inpaint.add_argument("prompt", help="what the result should show (the whole scene's caption works best)")
+    inpaint.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="1 repaints from noise; less keeps some of the masked part",
+    )
+    _add_sampling_flags(inpaint)
+    inpaint.set_defaults(func=_cmd_edit)
 
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")
@@ -300,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
+    bench.add_argument(
+        "--edits",
+        action="store_true",
+        help="score edits instead (recolour, add, remove, invert; see latentdiff/eval/edits.py)",
+    )
+    bench.add_argument("--edit-cases", type=int, default=24, help="with --edits: cases per edit kind")
+    bench.add_argument(
+        "--inversion-steps",
+        default=None,
+        metavar="N,N,...",
+        help="with --edits: instead, DDIM inversion's reconstruction PSNR at these step counts",
+    )
+    bench.add_argument("--strength", type=float, default=0.7, help="with --edits: the recolour strength")
+    bench.add_argument(
+        "--invert-guidance",
+        type=float,
+        default=1.0,
+        help="with --edits: guidance when sampling after inversion",
+    )
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.add_argument(
         "--sweep",

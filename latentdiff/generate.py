@@ -68,33 +68,19 @@ def generate(
     Returns:
         The paths written.
     """
-    from latentdiff.default_model import DEFAULT_MODEL_DIR
-    from latentdiff.schedulers.registry import choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
     paths = _output_paths(output, num_images, grid)
     _check_arguments(paths, steps, num_images, sampler, karras, eta, guidance, overwrite)
     seed = validation.check_seed(seed, num_images)
-    if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-        raise ValueError(
-            f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
-            "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
-        )
-    _check_size_and_loras(DEFAULT_MODEL_DIR if model is None else Path(model), height, width, loras)
+    _check_model(model, height, width, loras)
     if seed is None:
         seed = validation.random_seed()
     logger.info("generating %d image(s) for %r with seed %d", num_images, prompt, seed)
 
-    pipe = (
-        LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-    )
-    pipe.to(device=device, dtype=torch_dtype)
-    pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
+    pipe = load_pipeline(LatentPipeline, model, sampler, karras, loras, device, torch_dtype)
     steps, guidance = pipe.resolve_sampling(steps, guidance)
-    for lora in loras:
-        path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
-        pipe.load_lora_weights(path, scale=scale)
 
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     images = pipe(
@@ -118,12 +104,21 @@ def generate(
         steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
     )
     settings.update(karras=str(karras), eta=str(eta))
-    settings["size"] = "{}x{}".format(*images[0].size)
-    if num_images == 1 or grid:
-        image = images[0] if num_images == 1 else image_grid(images)
-        seeds = str(seed) if num_images == 1 else f"{seed}..{seed + num_images - 1} (row by row)"
-        _save_png(image, output, {**settings, "seed": seeds}, overwrite)
-        return [output]
+    return save_images(images, paths, settings, seed, grid, overwrite)
+
+
+def save_images(
+    images: list, paths: list[Path], settings: dict[str, str], seed: int, grid: bool, overwrite: bool
+) -> list[Path]:
+    """Write images made with seeds seed, seed + 1, ...: one PNG at paths[0] (a grid of several when `grid`) or
+    one file per image (`_output_paths`); each PNG carries `settings`, its size and its seed(s) as text chunks.
+    Without `overwrite` an existing file is never replaced."""
+    settings = {**settings, "size": "{}x{}".format(*images[0].size)}
+    if len(images) == 1 or grid:
+        image = images[0] if len(images) == 1 else image_grid(images)
+        seeds = str(seed) if len(images) == 1 else f"{seed}..{seed + len(images) - 1} (row by row)"
+        _save_png(image, paths[0], {**settings, "seed": seeds}, overwrite)
+        return paths[:1]
     for i, (image, path) in enumerate(zip(images, paths)):
         _save_png(image, path, {**settings, "seed": str(seed + i)}, overwrite)
     return paths
@@ -134,6 +129,47 @@ def _output_paths(output: Path, num_images: int, grid: bool) -> list[Path]:
     if num_images == 1 or grid or not isinstance(num_images, int):
         return [output]
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(num_images)]
+
+
+def load_pipeline(
+    pipeline_class,
+    model: str | Path | None,
+    sampler: str | None,
+    karras: bool,
+    loras: Sequence[str | Path | tuple[str | Path, float]],
+    device: str | torch.device,
+    torch_dtype: torch.dtype | None,
+):
+    """`pipeline_class` (LatentPipeline or an editing pipeline) over `model` (None: the embedded default), with
+    the sampler (None: the model's own) and LoRA adapters asked for, on `device` in `torch_dtype`."""
+    from latentdiff.schedulers.registry import choose_sampler
+
+    pipe = (
+        pipeline_class() if model is None else pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+    )
+    pipe.to(device=device, dtype=torch_dtype)
+    pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
+    for lora in loras:
+        path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
+        pipe.load_lora_weights(path, scale=scale)
+    return pipe
+
+
+def _check_model(
+    model: str | Path | None,
+    height: int | None,
+    width: int | None,
+    loras: Sequence[str | Path | tuple[str | Path, float]],
+) -> None:
+    """The model is there (the embedded default, a folder or a hub id), and the size and LoRA files suit it."""
+    from latentdiff.default_model import DEFAULT_MODEL_DIR
+
+    if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        raise ValueError(
+            f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
+            "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
+        )
+    _check_size_and_loras(DEFAULT_MODEL_DIR if model is None else Path(model), height, width, loras)
 
 
 def _check_arguments(

@@ -17,6 +17,7 @@ place they meet.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -51,6 +52,7 @@ from pipelines.classifier_guidance import (
     guide_model_output,
     log_prob_gradient,
 )
+from pipelines.inversion import InversionMixin
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-class LatentPipeline(LoraMixin):
+class LatentPipeline(InversionMixin, LoraMixin):
     """Text-to-image generation with classifier-free guidance over a VAE latent space.
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
@@ -109,6 +111,8 @@ class LatentPipeline(LoraMixin):
     parts), is used by calls that name none; a model path there is refused with a pointer to `from_pretrained`.
     A folder's recommended sampling settings (`sampling_settings.json`, see `latentdiff.sampling_settings`) are
     kept in `sampling_settings` and used by `__call__` for what the caller does not set.
+    `pipe.invert(image, prompt, num_inference_steps)` is DDIM inversion (pipelines/inversion.py);
+    the editing pipelines (img2img_pipeline.py, inpaint_pipeline.py) subclass this one and share its steps.
     """
 
     def __init__(
@@ -177,6 +181,15 @@ class LatentPipeline(LoraMixin):
                 `sampling_settings.json` naming a sampler (`latentdiff.schedulers.registry.SAMPLERS`) loads that one.
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
+
+    @classmethod
+    def from_pipe(cls, pipeline: LatentPipeline) -> LatentPipeline:
+        """This class over another pipeline's five parts, shared rather than copied (as diffusers' `from_pipe`):
+        `LatentInpaintPipeline.from_pipe(pipe)` inpaints with the model `pipe` has loaded, adapters included."""
+        parts = (pipeline.unet, pipeline.scheduler, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer)
+        new = cls(*parts, prompt=pipeline.prompt, sampling_settings=pipeline.sampling_settings)
+        new.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new
 
     def save_pretrained(
         self,
@@ -317,45 +330,118 @@ class LatentPipeline(LoraMixin):
         self._check_output(output_type, callback_on_step_end)
         validation.check_generator(generator)
         do_guidance = guidance_scale > 1.0
+        self._check_unet_takes_latents()
+        context = self._context(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_guidance
+        )
+        batch_size = context.shape[0] // 2 if do_guidance else context.shape[0]
+        labels = self._class_labels(classifier, classifier_guidance_scale, class_labels, batch_size)
+        guide = None
+        if labels is not None:
+            guide = functools.partial(self._classifier_shift, classifier, labels, classifier_guidance_scale)
+        # timesteps first: a σ-sampler's init_noise_sigma is its first σ, which set_timesteps chooses
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        latents = self._denoise(
+            latents,
+            self.scheduler.timesteps,
+            context,
+            guidance_scale,
+            guidance_rescale,
+            generator,
+            eta,
+            callback_on_step_end,
+            guide=guide,
+        )
+        return PipelineOutput(images=self._to_output(latents, output_type))
+
+    # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _context(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_images_per_prompt: int,
+        do_guidance: bool,
+    ) -> torch.Tensor:
+        """The UNet's cross-attention context for a batch of B = P · N images: (B, L, D), or (2B, L, D) ordered
+        [uncond, cond] with guidance, so that one UNet call serves both branches."""
         cond, uncond = self._text_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
-        batch_size = cond.shape[0] * num_images_per_prompt
-        labels = self._class_labels(classifier, classifier_guidance_scale, class_labels, batch_size)
         # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
         context = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
             context = torch.cat([uncond.repeat_interleave(num_images_per_prompt, dim=0), context])
-        # timesteps first: a σ-sampler's init_noise_sigma is its first σ, which set_timesteps chooses
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        return context
+
+    def _guided_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        extra_channels: torch.Tensor | None = None,
+        guide: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The model output at z_t, classifier-free guided when the context holds both branches (table above).
+
+        latents: z_t (B, C, h, w); context: (B, L, D), or (2B, L, D) as [uncond, cond]; extra_channels: (B, C', h,
+        w) appended to the scaled input along channels (an inpainting UNet's mask and masked-image latents);
+        guide(scaled z_t, t, output) -> output shifts the guided output (classifier guidance, `_classifier_shift`).
+        """
+        do_guidance = context.shape[0] == 2 * latents.shape[0]
+        model_input = torch.cat([latents, latents]) if do_guidance else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)  # z_t as the model sees it
+        scaled_latents = model_input[: latents.shape[0]]
+        if extra_channels is not None:
+            extra = torch.cat([extra_channels, extra_channels]) if do_guidance else extra_channels
+            model_input = torch.cat([model_input, extra], dim=1)
+        model_output = self.unet(model_input, t, context)
+        if do_guidance:
+            model_output_uncond, model_output_cond = model_output.chunk(2)
+            model_output = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
+            if guidance_rescale > 0.0:
+                model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
+        return model_output if guide is None else guide(scaled_latents, t, model_output)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: float,
+        guidance_rescale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        eta: float,
+        callback_on_step_end: Callable[..., dict | None] | None = None,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        guide: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop every pipeline shares: z_t -> z_{t'} over `timesteps` (a tail of the scheduler's own).
+
+        latents: the z at the first of `timesteps`, (B, C, h, w); extra_channels: see `_guided_prediction`;
+        after_step(t, z_{t'}) -> z_{t'} runs after each sampler step (inpainting re-imposes the known region there);
+        guide: see `_guided_prediction`. Any diffusers scheduler drives the loop (`_step_kwargs`).
+        Returns z at the end of the chain, (B, C, h, w).
+        """
         step_kwargs, per_image_noise = self._step_kwargs(generator, eta)
-        with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                scaled_latents = self.scheduler.scale_model_input(latents, t)  # z_t as the model sees it
-                model_input = torch.cat([scaled_latents, scaled_latents]) if do_guidance else scaled_latents
-                model_output = self.unet(model_input, t, context)
-                if do_guidance:
-                    model_output_uncond, model_output_cond = model_output.chunk(2)
-                    model_output = model_output_uncond + guidance_scale * (
-                        model_output_cond - model_output_uncond
-                    )
-                    if guidance_rescale > 0.0:
-                        model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
-                if labels is not None:
-                    gradient = log_prob_gradient(classifier, scaled_latents, t, labels)
-                    model_output = guide_model_output(
-                        model_output,
-                        gradient,
-                        alpha_prod_at(self.scheduler.alphas_cumprod, t),
-                        self.scheduler.config.prediction_type,
-                        classifier_guidance_scale,
-                    )
+        with tqdm(total=len(timesteps), **self._progress_bar_config) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_output = self._guided_prediction(
+                    latents, t, context, guidance_scale, guidance_rescale, extra_channels, guide
+                )
                 if per_image_noise:  # per-image generators: draw the step's noise here, image by image
                     step_kwargs["variance_noise"] = randn(
                         latents.shape, generator, latents.device, latents.dtype
                     )
                 latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+                if after_step is not None:
+                    latents = after_step(t, latents)
                 if callback_on_step_end is not None:
                     latents = _callback_latents(
                         callback_on_step_end(self, i, t, {"latents": latents}), latents, i
@@ -366,9 +452,7 @@ class LatentPipeline(LoraMixin):
             latents,
             "the UNet's output overflowed or its weights hold NaN/inf: run in float32, or check the unet/ weights.",
         )
-        return PipelineOutput(images=self._to_output(latents, output_type))
-
-    # ----------------------------------------------------------------------------------- __call__'s parts
+        return latents
 
     def _class_labels(
         self,
@@ -389,6 +473,23 @@ class LatentPipeline(LoraMixin):
             )
         labels = check_class_labels(classifier, class_labels, batch_size, self.device)
         return labels if scale != 0.0 else None
+
+    def _classifier_shift(
+        self,
+        classifier: torch.nn.Module,
+        labels: dict[str, torch.Tensor],
+        scale: float,
+        scaled_latents: torch.Tensor,
+        t: torch.Tensor,
+        model_output: torch.Tensor,
+    ) -> torch.Tensor:
+        """Classifier guidance (Dhariwal & Nichol 2021): the model output shifted by s·√(1 − ᾱ_t)·∇ log p(y | z_t)
+        in its prediction type's form (`pipelines.classifier_guidance.guide_model_output`)."""
+        gradient = log_prob_gradient(classifier, scaled_latents, t, labels)
+        alpha_prod = alpha_prod_at(self.scheduler.alphas_cumprod, t)
+        return guide_model_output(
+            model_output, gradient, alpha_prod, self.scheduler.config.prediction_type, scale
+        )
 
     def _step_kwargs(
         self, generator: torch.Generator | list[torch.Generator] | None, eta: float
@@ -448,6 +549,16 @@ class LatentPipeline(LoraMixin):
             raise ValueError(f"num_images_per_prompt={num_images!r} must be an int >= 1.")
         if eta < 0.0:
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like variance).")
+
+    def _check_unet_takes_latents(self) -> None:
+        """A UNet whose input is more than the latents (an SD-inpainting UNet) cannot run this pipeline."""
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels != latent_channels:
+            raise ValueError(
+                f"the UNet takes {self.unet.config.in_channels} input channels but the VAE's latents have "
+                f"{latent_channels}: an inpainting UNet ({2 * latent_channels + 1} channels: latents, mask, "
+                "masked-image latents) runs in LatentInpaintPipeline, with an image and a mask."
+            )
 
     def _check_output(self, output_type: str, callback_on_step_end) -> None:
         if output_type not in OUTPUT_TYPES:
@@ -551,7 +662,7 @@ class LatentPipeline(LoraMixin):
         height = default_side if height is None else height
         width = default_side if width is None else width
         validation.check_image_size(height, width, default_side, vae_factor * self.unet.downsample_factor)
-        shape = (batch_size, self.unet.config.in_channels, height // vae_factor, width // vae_factor)
+        shape = (batch_size, self.vae.config.latent_channels, height // vae_factor, width // vae_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} but the batch has {batch_size} images "
@@ -562,7 +673,7 @@ class LatentPipeline(LoraMixin):
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents has shape {tuple(latents.shape)} but this call needs {shape} (batch = prompts × "
-                "num_images_per_prompt, UNet in_channels, height / VAE factor, width / VAE factor)."
+                "num_images_per_prompt, VAE latent_channels, height / VAE factor, width / VAE factor)."
             )
         else:
             validation.check_finite_tensor(
@@ -574,13 +685,21 @@ class LatentPipeline(LoraMixin):
     def _to_output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
+        return self._images_as(self._decode(latents), output_type)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> float32 images (B, 3, H, W) in [0, 1]."""
         decoded = decode_latents(self.vae, latents).float()
         validation.check_finite_tensor(
             "the image the VAE decoded from finite latents",
             decoded,
             "its weights are damaged or it overflowed: check the vae/ weights or run in float32.",
         )
-        images = (decoded / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        return (decoded / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+
+    @staticmethod
+    def _images_as(images: torch.Tensor, output_type: str):
+        """Images (B, 3, H, W) in [0, 1] as `output_type` ("pt", "np" or "pil"; see `PipelineOutput`)."""
         if output_type == "pt":
             return images
         images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

@@ -350,11 +350,15 @@ def test_latentdiff_serve_serves_the_page_and_names_a_busy_port(server, tmp_path
         process.wait(timeout=30)
 
 
-def test_an_edit_says_it_is_not_available_in_this_version(server):
+def test_an_edit_runs_on_the_editing_pipelines_and_a_wrong_size_is_refused(server):
     status, body = call(
         server, "/api/edit", {**GOOD_FORM, "image": png_data_url((64, 64)), "strength": "0.5"}
     )
-    assert status == 501 and "not available in this version" in json.loads(body)["error"]
+    assert status == 202
+    job = wait_for(server, json.loads(body)["job"])
+    assert job["state"] == "done"
+    result = read_png(call(server, job["images"][0]["url"])[1])
+    assert result.size == (64, 64) and result.text["strength"] == "0.5"
     status, body = call(
         server, "/api/edit", {**GOOD_FORM, "image": png_data_url((60, 64)), "strength": "0.5"}
     )
@@ -363,7 +367,7 @@ def test_an_edit_says_it_is_not_available_in_this_version(server):
 
 class RecordingEditPipeline(LatentPipeline):
     """Stands in for an editing pipeline (diffusers' call: image, mask_image, strength): records what it is given
-    and draws text-to-image, so the panel's wiring is tested before the editing pipelines exist."""
+    and draws text-to-image at the image's size, so the panel's wiring is tested apart from the editing math."""
 
     calls: list[dict] = []
 
@@ -371,7 +375,7 @@ class RecordingEditPipeline(LatentPipeline):
         RecordingEditPipeline.calls.append(
             {"image": image, "mask_image": mask_image, "strength": strength, "sampler": type(self.scheduler)}
         )
-        return super().__call__(prompt, **kwargs)
+        return super().__call__(prompt, height=image.height, width=image.width, **kwargs)
 
 
 @pytest.fixture

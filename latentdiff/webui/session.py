@@ -209,11 +209,9 @@ class ModelSession:
         settings = self._settings(request)
         runner, extra = pipe, {}
         if edit is not None:  # an editing pipeline over the same parts, the sampler just chosen included
-            runner = editing_pipeline("inpaint" if edit.mask is not None else "img2img")(
-                pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer
-            )
+            runner = editing_pipeline("inpaint" if edit.mask is not None else "img2img").from_pipe(pipe)
             runner.set_progress_bar_config(disable=True)
-            extra = {"image": edit.image, "strength": edit.strength}
+            extra = {"image": edit.image, "strength": edit.strength}  # the image sets the size
             if edit.mask is not None:
                 extra["mask_image"] = edit.mask
             settings["strength"] = str(edit.strength)
@@ -228,8 +226,7 @@ class ModelSession:
             num_inference_steps=request.steps,
             guidance_scale=request.guidance,
             num_images_per_prompt=request.num_images,
-            height=request.height,
-            width=request.width,
+            **({} if edit is not None else {"height": request.height, "width": request.width}),
             generator=[torch.Generator().manual_seed(seed + i) for i in range(request.num_images)],
             callback_on_step_end=on_step_end,
             **extra,
