@@ -59,8 +59,8 @@ class LatentImg2ImgPipeline(LatentPipeline):
         image: ImageInput | None = None,
         strength: float = 0.8,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -84,6 +84,9 @@ class LatentImg2ImgPipeline(LatentPipeline):
                 generators gives image i its own.
             sample_posterior: z₀ a sample of the VAE posterior (diffusers' behaviour) instead of its mean.
         """
+        if prompt is None and prompt_embeds is None:
+            prompt = self.prompt  # the prompt given at construction, if any
+        num_inference_steps, guidance_scale = self.resolve_sampling(num_inference_steps, guidance_scale)
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
         check_strength(strength)

@@ -63,8 +63,8 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
         mask_image: ImageInput | None = None,
         strength: float = 1.0,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -93,6 +93,9 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
                 than its mean.
             The other arguments are `LatentImg2ImgPipeline.__call__`'s.
         """
+        if prompt is None and prompt_embeds is None:
+            prompt = self.prompt  # the prompt given at construction, if any
+        num_inference_steps, guidance_scale = self.resolve_sampling(num_inference_steps, guidance_scale)
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
         check_strength(strength)

@@ -121,3 +121,25 @@ def test_generate_and_the_cli_use_the_carried_settings_unless_given(carrying_dir
     (carrying_dir / SETTINGS_FILE).write_text("{broken")
     assert cli.main(["generate", PROMPT, "--model", str(carrying_dir), "-o", str(tmp_path / "x.png")]) == 2
     assert str(carrying_dir / SETTINGS_FILE) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_the_editing_pipelines_use_the_carried_settings_too(carrying_dir, kind):
+    from pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
+
+    pipe = LatentPipeline.from_pretrained(carrying_dir)
+    editor = (LatentInpaintPipeline if kind == "inpaint" else LatentImg2ImgPipeline).from_pipe(pipe)
+    editor.set_progress_bar_config(disable=True)
+    assert editor.sampling_settings == SamplingSettings(**CARRIED)  # from_pipe keeps what the model carries
+    image = torch.zeros(1, 3, 32, 32)
+    extra = {"mask_image": torch.ones(1, 1, 32, 32)} if kind == "inpaint" else {}
+    seen = []
+    editor(
+        PROMPT,
+        image=image,
+        strength=1.0,
+        output_type="np",
+        callback_on_step_end=lambda *step: seen.append(step[1]),
+        **extra,
+    )
+    assert len(seen) == CARRIED["num_inference_steps"]  # strength 1 runs the whole (carried) chain
