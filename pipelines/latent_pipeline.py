@@ -36,16 +36,13 @@ from latentdiff import validation
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
 from latentdiff.data.tokenizer import closed_vocabulary, unknown_words
 from latentdiff.default_model import DEFAULT_MODEL_DIR
-from latentdiff.hub import SUBFOLDERS, local_folder
-from latentdiff.models.unet import ConditionalUNet
+from latentdiff.hub import SUBFOLDERS
 from latentdiff.sampling_settings import (
     DIFFUSERS_DEFAULTS,
     SETTINGS_FILE,
     SamplingSettings,
-    read_sampling_settings,
     write_sampling_settings,
 )
-from latentdiff.schedulers.registry import SAMPLERS, sampler_from_config, scheduler_from_folder_config
 from pipelines.classifier_guidance import (
     alpha_prod_at,
     check_class_labels,
@@ -53,6 +50,7 @@ from pipelines.classifier_guidance import (
     log_prob_gradient,
 )
 from pipelines.inversion import InversionMixin
+from pipelines.loading import load_parts, model_dir
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
@@ -144,7 +142,7 @@ class LatentPipeline(InversionMixin, LoraMixin):
                     "text_encoder, tokenizer), or load a Stable Diffusion folder in the diffusers layout: "
                     "LatentPipeline.from_pretrained('path/to/folder' or 'hub-owner/model-id')."
                 )
-            parts = _load_parts(DEFAULT_MODEL_DIR)
+            parts = load_parts(DEFAULT_MODEL_DIR)
             sampling_settings = parts.pop("sampling_settings")
         missing = [name for name, part in parts.items() if part is None]
         if missing:
@@ -180,7 +178,7 @@ class LatentPipeline(InversionMixin, LoraMixin):
                 `DDIMScheduler` (see `latentdiff.schedulers.registry.scheduler_from_folder_config`); a folder's
                 `sampling_settings.json` naming a sampler (`latentdiff.schedulers.registry.SAMPLERS`) loads that one.
         """
-        return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
+        return cls(**load_parts(model_dir(path_or_hub_id), torch_dtype, scheduler))
 
     @classmethod
     def from_pipe(cls, pipeline: LatentPipeline) -> LatentPipeline:
@@ -762,69 +760,3 @@ def _constructor_prompt(text: str | list[str] | tuple[str, ...], prompt: Any) ->
                 "embedded default."
             )
     return _as_prompt_list(text, "prompt") if not isinstance(text, str) else text
-
-
-def _model_dir(path_or_hub_id: str | Path) -> Path:
-    """A local folder, or the hub snapshot of `path_or_hub_id` when no local folder has that name."""
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(
-            f"path_or_hub_id={str(path_or_hub_id)!r} is a file; pass the model folder that holds it."
-        )
-    text = str(path_or_hub_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"path_or_hub_id={text!r}: no such folder (and not a hub id of the form owner/name)."
-        )
-    try:
-        return local_folder(text)
-    except Exception as error:  # offline, unknown id, gated repo: say what was tried
-        raise FileNotFoundError(
-            f"path_or_hub_id={text!r} is not a local folder and could not be fetched from the Hugging Face hub: "
-            f"{error}"
-        ) from error
-
-
-def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, scheduler=None) -> dict[str, Any]:
-    """The five parts of the SD folder `directory` and its sampling settings, as `LatentPipeline(**parts)` takes
-    them; the sampler is the one its sampling settings name, built from its scheduler config."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    missing = [name + "/" for name in SUBFOLDERS if not (directory / name).is_dir()]
-    if not (directory / "scheduler" / "scheduler_config.json").is_file() and "scheduler/" not in missing:
-        missing.append("scheduler/scheduler_config.json")
-    if scheduler is not None:
-        missing = [name for name in missing if not name.startswith("scheduler/")]
-    if not (directory / "model_index.json").is_file():
-        missing.insert(0, "model_index.json")
-    if missing:
-        raise ValueError(
-            f"{directory} is not a Stable Diffusion folder in the diffusers layout: it lacks {', '.join(missing)} "
-            f"(expected model_index.json and {', '.join(name + '/' for name in SUBFOLDERS)})."
-        )
-    dtype = torch.float32 if torch_dtype is None else torch_dtype
-    for name in ("unet", "vae", "text_encoder"):  # a truncated file is named here, not deep inside a loader
-        validation.check_safetensors_folder(directory / name)
-    settings = read_sampling_settings(directory)
-    if settings.sampler is not None and settings.sampler not in SAMPLERS:
-        raise ValueError(
-            f"{directory / SETTINGS_FILE}: sampler={settings.sampler!r} is not one of {list(SAMPLERS)}; "
-            "fix the file or delete it to use diffusers' defaults."
-        )
-    if scheduler is None:
-        config_file = directory / "scheduler" / "scheduler_config.json"
-        scheduler = scheduler_from_folder_config(validation.read_json_file(config_file))
-        if settings.sampler is not None:
-            scheduler = sampler_from_config(settings.sampler, scheduler.config)
-    return {
-        "sampling_settings": settings,
-        "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
-        "scheduler": scheduler,
-        "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),
-        # loaded as stored, then cast: works with transformers 4.x (torch_dtype=) and 5.x (dtype=) alike
-        "text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder").to(dtype),
-        "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
-    }

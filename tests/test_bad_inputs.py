@@ -75,7 +75,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the cheap checks")
 
-    monkeypatch.setattr("pipelines.latent_pipeline._load_parts", refuse)
+    monkeypatch.setattr("pipelines.latent_pipeline.load_parts", refuse)
 
 
 def existing_dataset(tmp_path: Path) -> Path:
