@@ -139,3 +139,13 @@ def test_inpainting_flags_that_cannot_go_together(tmp_path, tiny_sd_dir, train_d
         train_t2i.main(
             t2i_args(tiny_sd_dir, train_data, tmp_path / "c", unet_config=unet_config, inpainting=True)
         )
+
+
+def test_lora_refuses_inpainting(tmp_path, tiny_sd_dir, train_data):
+    from train.arguments import parse_config
+    from train.tasks.lora import LoraConfig
+
+    with pytest.raises(
+        ConfigError, match="--inpainting trains new input channels.*train_t2i.py --inpainting"
+    ):
+        parse_config(t2i_args(tiny_sd_dir, train_data, tmp_path, inpainting=True), LoraConfig)
