@@ -26,7 +26,8 @@ def bench_edits(args: argparse.Namespace) -> int:
     steps, guidance = pipe.resolve_sampling(args.steps, args.guidance)  # the carried settings unless given
     vae_factor = vae_scale_factor(pipe.vae)
     size = pipe.unet.config.sample_size * vae_factor
-    cases = edits.edit_cases(per_kind=args.edit_cases, size=size, grid=vae_factor)
+    kinds = _edit_kinds(args.edit_kinds, pipe.unet.config.in_channels != pipe.vae.config.latent_channels)
+    cases = edits.edit_cases(kinds, per_kind=args.edit_cases, size=size, grid=vae_factor)
     settings = {
         "model": args.model or "embedded default",
         "sampler": args.sampler or type(pipe.scheduler).__name__,
@@ -54,6 +55,25 @@ def bench_edits(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _edit_kinds(flag: str | None, inpainting_unet: bool) -> tuple[str, ...]:
+    """The kinds --edit-kinds names (default: all; the inpainting ones for an inpainting UNet, which cannot run
+    image-to-image or inversion)."""
+    from latentdiff.eval.edits import EDIT_KINDS, INPAINT_KINDS
+
+    if flag is None:
+        return tuple(INPAINT_KINDS) if inpainting_unet else EDIT_KINDS
+    kinds = tuple(kind.strip() for kind in flag.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in EDIT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"--edit-kinds={flag!r}: name some of {', '.join(EDIT_KINDS)}, separated by commas.")
+    if inpainting_unet and not set(kinds) <= set(INPAINT_KINDS):
+        raise ValueError(
+            f"--edit-kinds={flag!r}: the model's UNet is an inpainting UNet (latents, mask, masked-image latents), "
+            f"which runs only the inpainting kinds: use --edit-kinds {','.join(INPAINT_KINDS)}."
+        )
+    return kinds
 
 
 def _print_inversion_psnr(pipe, cases: list, steps_list: str, size: int) -> int:

@@ -358,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--edit-cases", type=int, default=24, help="with --edits: cases per edit kind")
     bench.add_argument(
+        "--edit-kinds",
+        default=None,
+        metavar="KIND,KIND,...",
+        help="with --edits: only these kinds (recolour, add, remove, invert); default: all, or add,remove for "
+        "an inpainting UNet (2C+1 input channels)",
+    )
+    bench.add_argument(
         "--inversion-steps",
         default=None,
         metavar="N,N,...",

@@ -92,6 +92,32 @@ def test_bench_edits_command_runs_every_kind_and_keeps_the_outside_exactly(tiny_
     assert Image.open(tmp_path / "edits.png").size[0] == 6 * 128
 
 
+def test_bench_edits_of_an_inpainting_unet_runs_the_inpainting_kinds(tiny_sd_dir, tmp_path, capsys):
+    """A folder whose UNet takes [latents, mask, masked-image latents] (as train_t2i.py --inpainting exports):
+    --edits scores add and remove by default, and refuses the kinds it cannot run, naming the fix."""
+    from pipelines import LatentInpaintPipeline
+    from train.tasks.inpaint import widen_conv_in
+
+    pipe = LatentInpaintPipeline.from_pretrained(tiny_sd_dir)
+    pipe.unet = widen_conv_in(pipe.unet, pipe.vae.config.latent_channels)
+    folder = tmp_path / "inpainting"
+    pipe.save_pretrained(folder)
+    arguments = ["bench", "--edits", "--model", str(folder), "--edit-cases", "1", "--steps", "2"]
+    assert (
+        main([*arguments, "--json", str(tmp_path / "edits.json"), "--grid", str(tmp_path / "grid.png")]) == 0
+    )
+    result = json.loads((tmp_path / "edits.json").read_text())
+    assert [kind for kind in result if kind != "settings"] == list(edits.INPAINT_KINDS)
+    assert result["add"]["outside_mask_max_change"] == 0 and result["remove"]["outside_mask_max_change"] == 0
+    assert main([*arguments, "--edit-kinds", "remove", "--json", str(tmp_path / "remove.json")]) == 0
+    assert list(json.loads((tmp_path / "remove.json").read_text())) == ["remove", "settings"]
+    capsys.readouterr()
+    assert main([*arguments, "--edit-kinds", "add,recolour"]) == 2
+    assert "use --edit-kinds add,remove" in capsys.readouterr().err
+    assert main([*arguments, "--edit-kinds", "paint"]) == 2
+    assert "--edit-kinds='paint': name some of recolour, add, remove, invert" in capsys.readouterr().err
+
+
 def test_psnr_is_the_textbook_formula():
     black, grey = Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (16, 16, 16))
     assert edits.psnr(black, black) == float("inf")

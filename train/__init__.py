@@ -15,6 +15,7 @@ The loop and what it owns:
 The tasks (`train/tasks/`): a config extending `LoopConfig` with the task's own flags, its models, and a task object
 with `compute_loss`, `validate` and `export`:
     tasks/t2i_config.py, tasks/t2i_models.py, tasks/t2i.py   text-to-image (full fine-tune or from scratch)
+    tasks/inpaint.py, tasks/inpaint_masks.py   `--inpainting`: an SD-inpainting UNet (2C+1 inputs), random masks
     tasks/lora.py   LoRA adapters on the text-to-image task
     tasks/vae.py    the autoencoder        tasks/clip.py   contrastive text-image pretraining
 The scripts: train_t2i.py, train_lora.py, train_vae.py, train_clip.py (each `main()` reads in one screen), and

@@ -5,7 +5,8 @@
     python -m train.train_t2i --config ...                             # the same, as a module
 
 Options: `python train/train_t2i.py --help` (diffusers' train_text_to_image.py names). At the end --output_dir holds
-a Stable Diffusion folder (`LatentPipeline.from_pretrained(output_dir)`), next to its checkpoints, validation grids
+a Stable Diffusion folder (`LatentPipeline.from_pretrained(output_dir)`; with --inpainting an SD-inpainting one,
+`LatentInpaintPipeline.from_pretrained(output_dir)`), next to its checkpoints, validation grids
 and logs.
 """
 
@@ -19,6 +20,7 @@ from train.launch import make_accelerator, run_and_export, script_main, weight_d
 from train.loop import Trainer
 from train.output_dir import prepare_output_dir
 from train.randomness import resolve_seed
+from train.tasks.inpaint import InpaintingTask
 from train.tasks.t2i import TextToImageTask
 from train.tasks.t2i_config import T2IConfig
 from train.tasks.t2i_models import build_models, resolve_model_files, trained_module
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg)  # the caption and image columns are checked here, before the models load
 
     models = build_models(cfg, files, accelerator.device, weight_dtype_of(accelerator))
-    task = TextToImageTask(cfg, models, accelerator, seed)
+    task = (InpaintingTask if cfg.inpainting else TextToImageTask)(cfg, models, accelerator, seed)
     train_set, holdout, collate = task.datasets(data)
     task.attach_holdout(holdout, collate)
     trainer = Trainer(

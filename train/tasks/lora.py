@@ -76,6 +76,11 @@ class LoraConfig(T2IConfig):
 
     def check_combinations(self) -> None:
         super().check_combinations()
+        if self.inpainting:
+            raise ConfigError(
+                "--inpainting trains new input channels of the UNet, which adapters on a frozen UNet cannot: use "
+                "train_t2i.py --inpainting."
+            )
         try:  # rank, alpha and dropout are checked by the adapter's own spec, the one place that knows them
             self.unet_lora_spec()
         except ValueError as error:

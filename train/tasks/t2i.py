@@ -204,13 +204,17 @@ class TextToImageTask:
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         input_noise: torch.Tensor | None = None,
+        extra_channels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """w(t)·MSE(UNet(z_t, t, c), y) per sample, (B,) float32 (see the module docstring); `input_noise` (default
-        ε) is the noise of z_t when it differs from the target's (--input_perturbation)."""
+        ε) is the noise of z_t when it differs from the target's (--input_perturbation); `extra_channels`
+        (B, C', h, w), when given, are concatenated to z_t (an inpainting UNet's mask and masked-image latents)."""
         noisy_latents = self.noise_schedule.add_noise(
             latents, noise if input_noise is None else input_noise, timesteps
         )
         target = diffusion_target(self.noise_schedule, latents, noise, timesteps, self.prediction_type)
+        if extra_channels is not None:
+            noisy_latents = torch.cat([noisy_latents, extra_channels.to(noisy_latents)], dim=1)
         model_output = unet(noisy_latents, timesteps, prompt_embeds)
         mse = ((model_output.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
         if self.cfg.snr_gamma is None:
@@ -260,7 +264,12 @@ class TextToImageTask:
         input_noise = None
         if self.cfg.input_perturbation:  # ε' = ε + γ·ξ in z_t, ε still the target (arXiv:2301.11706)
             input_noise = noise + self.cfg.input_perturbation * rng.randn(*latents.shape[1:])
-        return self.per_sample_loss(unet, latents, prompt_embeds, noise, timesteps, input_noise).mean()
+        extra = self.extra_channels(batch, rng)
+        return self.per_sample_loss(unet, latents, prompt_embeds, noise, timesteps, input_noise, extra).mean()
+
+    def extra_channels(self, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor | None:
+        """Inputs the UNet reads next to z_t (none for text-to-image; `InpaintingTask` gives mask and image)."""
+        return None
 
     # ---- validation ----
 
@@ -304,7 +313,12 @@ class TextToImageTask:
                 )
                 losses.append(
                     self.per_sample_loss(
-                        unet, part["latents"], prompt_embeds, part["noise"], part["timesteps"]
+                        unet,
+                        part["latents"],
+                        prompt_embeds,
+                        part["noise"],
+                        part["timesteps"],
+                        extra_channels=part.get("extra_channels"),
                     )
                 )
         return float(torch.cat(losses).mean())

@@ -133,6 +133,22 @@ class T2IConfig(LoopConfig):
         aliases=("proportion_empty_prompts",),
     )
 
+    # ---- inpainting ----------------------------------------------------------------------------------------------
+    inpainting: bool = flag(
+        False,
+        "Train an SD-inpainting UNet: it reads the noisy latents, the mask at latent size and the masked image's "
+        "latents (2C+1 channels), with random rectangles and ellipses as masks (train/tasks/inpaint_masks.py). A "
+        "text-to-image UNet gets the extra input channels zero-initialised (it starts as the text-to-image model); "
+        "the exported folder loads with LatentInpaintPipeline.from_pretrained.",
+    )
+    inpainting_full_mask_prob: float = flag(
+        0.25,
+        "With --inpainting: probability, per sample and step, that the whole image is masked (Stable Diffusion "
+        "inpainting's 25%), so the UNet still draws from the prompt alone.",
+        at_least=0,
+        at_most=1,
+    )
+
     # ---- validation images -------------------------------------------------------------------------------------
     validation_prompts: list[str] | None = flag(
         None, "Prompts rendered into a grid at each validation (prompt i uses seed i)."
@@ -170,6 +186,11 @@ class T2IConfig(LoopConfig):
             raise ConfigError(
                 "--cache_latents stores one crop per image, so random crops cannot be cached: add --center_crop "
                 "(or drop --cache_latents)."
+            )
+        if self.inpainting and self.cache_latents:
+            raise ConfigError(
+                "--inpainting encodes each step's masked images with the VAE, so it needs the images, not cached "
+                "latents: drop --cache_latents."
             )
         if isinstance(self.validation_prompts, str):
             raise ConfigError("--validation_prompts must be a list of prompts, not one string.")

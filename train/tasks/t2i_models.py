@@ -147,10 +147,18 @@ def check_model_files(cfg: T2IConfig, files: ModelFiles) -> None:
             f"down-sampling factor {unet_factor}); use {lower or upper} or {upper}."
         )
     latent_channels = files.vae_config.get("latent_channels", 4)
-    if files.unet.in_channels != latent_channels:
+    inpainting = 2 * latent_channels + 1  # [z_t, mask, masked-image latents]
+    if files.unet.in_channels == inpainting and not cfg.inpainting:
+        raise ConfigError(
+            f"the UNet takes {inpainting} input channels, an inpainting UNet over the VAE's {latent_channels}-channel "
+            "latents: add --inpainting to train it as one."
+        )
+    allowed = (latent_channels, inpainting) if cfg.inpainting else (latent_channels,)
+    if files.unet.in_channels not in allowed:
         raise ConfigError(
             f"the UNet takes {files.unet.in_channels} input channels but the VAE makes {latent_channels}-channel "
-            "latents; set in_channels (and out_channels) of --unet_config to match."
+            f"latents; set in_channels of --unet_config to {' or '.join(map(str, allowed))} (out_channels to "
+            f"{latent_channels})."
         )
     hidden = files.text_config.get("text_config", files.text_config).get("hidden_size")
     if hidden is not None and files.unet.cross_attention_dim != hidden:
@@ -220,6 +228,10 @@ def build_models(
         unet = ConditionalUNet(files.unet)
     else:
         unet = load_weights(files.unet, files.model_folder / "unet", variant=cfg.variant)
+    if cfg.inpainting and unet.config.in_channels == vae.config.latent_channels:
+        from train.tasks.inpaint import widen_conv_in
+
+        unet = widen_conv_in(unet, vae.config.latent_channels)  # zero weights on the mask and masked image
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
