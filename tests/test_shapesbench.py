@@ -37,7 +37,16 @@ from latentdiff.eval.shapesbench import (
     score,
     vae_ceiling,
 )
-from latentdiff.eval.sweep import GROUP_COLOURS, format_sweep_table, parse_sweep, plot_sweep, run_sweep
+from latentdiff.eval.sweep import (
+    GROUP_COLOURS,
+    SAMPLER_COLOURS,
+    format_sweep_table,
+    overall,
+    parse_sweep,
+    plot_sweep,
+    plot_sweeps,
+    run_sweep,
+)
 
 
 def render_prompt(text: str, seed: int, size: int = 64) -> Image.Image:
@@ -429,3 +438,29 @@ def test_run_sweep_scores_each_value_and_plots_them(tmp_path):
         colours = {c for _, c in plot.convert("RGB").getcolors(1 << 20)}
     assert {GROUP_COLOURS[g] for g in GROUPS} <= colours
     assert "guidance" in format_sweep_table(sweep)
+
+
+def test_plot_sweeps_draws_one_line_per_sampler_over_all_prompts(tmp_path):
+    def steps_sweep(sampler: str, karras: bool, full_match: list[float]) -> dict:
+        # single: 2 prompts; two: 6 prompts at full_match, so overall = (2 * 1.0 + 6 * f) / 8
+        results = [
+            {
+                "single": {"full_match": 1.0, "fidelity": 0.9, "num_prompts": 2},
+                "two": {"full_match": f, "fidelity": 0.8, "num_prompts": 6},
+            }
+            for f in full_match
+        ]
+        settings = {"sampler": sampler, "karras": karras}
+        values = [4, 8, 50][: len(full_match)]
+        return {"sweep": "steps", "values": values, "results": results, "settings": settings}
+
+    assert overall(steps_sweep("ddim", False, [0.5])["results"][0], "full_match") == (2 + 3) / 8
+    assert overall(steps_sweep("ddim", False, [0.5])["results"][0], "fidelity") == pytest.approx(0.825)
+    sweeps = [steps_sweep("ddim", False, [0.0, 0.5, 1.0]), steps_sweep("dpmpp_2m", True, [0.5, 1.0])]
+    path = plot_sweeps(sweeps, tmp_path / "steps.png")
+    with Image.open(path) as plot:
+        assert plot.format == "PNG" and plot.width > plot.height > 200
+        colours = {c for _, c in plot.convert("RGB").getcolors(1 << 20)}
+    assert {SAMPLER_COLOURS["ddim"], SAMPLER_COLOURS["dpmpp_2m karras"]} <= colours
+    with pytest.raises(ValueError, match="same setting"):
+        plot_sweeps([sweeps[0], {**sweeps[1], "sweep": "guidance"}], tmp_path / "mixed.png")
