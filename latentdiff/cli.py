@@ -64,6 +64,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         loras=[_lora_spec(spec) for spec in args.lora],
         device=args.device or _best_device(),
         torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        classifier=args.classifier,
+        class_labels=args.class_labels,
+        classifier_scale=args.classifier_scale,
     )
     for path in paths:
         print(f"saved {path}")
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights dtype (default float32)",
     )
+    gen.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py folder")
+    gen.add_argument(
+        "--class-labels",
+        default=None,
+        help="its target: a layout ('a red circle in the top left') or name=index pairs ('color=2 shape=0')",
+    )
+    gen.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale s")
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

@@ -37,6 +37,9 @@ def generate(
     grid: bool = True,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
+    classifier: str | Path | None = None,
+    class_labels: str | None = None,
+    classifier_scale: float = 10.0,
 ) -> list[Path]:
     """Generate images for one prompt and save them as PNG.
 
@@ -56,6 +59,10 @@ def generate(
         karras: space the noise levels by Karras et al. 2022 (euler, heun, dpmpp_2m, dpmpp_2m_sde).
         loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
+        classifier: a folder written by train/train_classifier.py: classifier guidance (Dhariwal & Nichol 2021)
+            towards `class_labels` with scale `classifier_scale`.
+        class_labels: the target, as `read_class_labels` reads it: a shapes layout ("a red circle in the top left")
+            for a layout classifier, or "name=index" pairs ("color=2 shape=0").
 
     Returns:
         The paths written.
@@ -66,6 +73,20 @@ def generate(
 
     output = Path(output)
     _check_arguments(output, steps, num_images, sampler, karras, eta)
+    if (classifier is None) != (class_labels is None):
+        raise ValueError(
+            "classifier guidance needs both classifier (--classifier FOLDER) and class_labels (--class-labels ...)."
+        )
+    guidance_kwargs = {}
+    if classifier is not None:
+        from latentdiff.models.classifier import NoiseAwareClassifier
+
+        guide = NoiseAwareClassifier.from_pretrained(classifier).to(device)
+        guidance_kwargs = dict(
+            classifier=guide,
+            class_labels=read_class_labels(class_labels),
+            classifier_guidance_scale=classifier_scale,
+        )
     if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ValueError(
             f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
@@ -95,6 +116,7 @@ def generate(
         width=width,
         generator=generators,
         eta=eta,
+        **guidance_kwargs,
     ).images
 
     settings = {
@@ -106,6 +128,10 @@ def generate(
         steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
     )
     settings.update(karras=str(karras), eta=str(eta))
+    if classifier is not None:
+        settings.update(
+            classifier=str(classifier), class_labels=class_labels, classifier_scale=str(classifier_scale)
+        )
     settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
@@ -118,6 +144,26 @@ def generate(
         image.save(path, pnginfo=png_text({**settings, "seed": str(seed + i)}))
         paths.append(path)
     return paths
+
+
+def read_class_labels(text: str) -> dict[str, int]:
+    """Target labels of classifier guidance from text: "name=index" pairs separated by spaces or commas
+    ("color=2 shape=0"), or else a shapes-world layout caption read by `latentdiff.data.scene_labels` ("a red circle
+    in the top left": that cell holds a red circle, every other cell is empty)."""
+    from latentdiff.data.scene_labels import caption_labels
+
+    if "=" not in text:
+        try:
+            return caption_labels(text)
+        except ValueError as error:
+            raise ValueError(f"class_labels={text!r}: {error}") from error
+    labels = {}
+    for pair in text.replace(",", " ").split():
+        name, _, index = pair.partition("=")
+        if not name or not index.isdigit():
+            raise ValueError(f"class_labels={text!r}: {pair!r} is not name=index, e.g. 'color=2 shape=0'.")
+        labels[name] = int(index)
+    return labels
 
 
 def _check_arguments(
