@@ -1,6 +1,6 @@
 """Classifier guidance on the embedded default, judged by the ShapesBench detector; guided against unguided, same run.
 
-    python -m benchmarks.classifier_guidance --classifier outputs/classifier/classifier --scales 0 10 30
+    python -m benchmarks.classifier_guidance --classifier latentdiff/assets/classifier --sampler ddpm --scales 0 5
 
 (a) The classifier's own accuracy against t is its training run's `accuracy_against_t.json` (train_classifier.py).
 (b) Classifier guidance alone: the empty prompt, no classifier-free guidance, and as target the layout of each
@@ -25,6 +25,7 @@ from latentdiff.data.scene_labels import CELL_ATTRIBUTES, caption_labels
 from latentdiff.data.shapes import WHERE_PHRASES, parse_caption
 from latentdiff.eval.shapesbench import bench_prompts, evaluate
 from latentdiff.models.classifier import NoiseAwareClassifier
+from latentdiff.schedulers.registry import choose_sampler
 from pipelines import LatentPipeline
 
 
@@ -68,14 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scales", type=float, nargs="+", default=[0.0, 10.0, 30.0], help="classifier scales s"
     )
-    parser.add_argument("--steps", type=int, default=10, help="sampler steps (the default's own sampler)")
-    parser.add_argument("--count", type=int, default=48, help="images per setting")
+    parser.add_argument("--sampler", default=None, help="ddim, ddpm, euler_a, ... (default: the model's own)")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps")
+    parser.add_argument("--count", type=int, default=48, help="images per setting (targets, prompts)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free w in (c)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip", choices=["b", "c"], default=None, help="leave one measurement out")
     args = parser.parse_args(argv)
     pipe = LatentPipeline()
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, False)
     classifier = NoiseAwareClassifier.from_pretrained(args.classifier)
     if args.skip != "b":
         targets = [object_only(p.text) for p in bench_prompts(("single",), per_group=args.count)]

@@ -187,13 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights dtype (default float32)",
     )
-    gen.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py folder")
+    gen.add_argument(
+        "--classifier",
+        default=None,
+        help="classifier guidance: a train_classifier.py folder (default: the embedded model's own)",
+    )
     gen.add_argument(
         "--class-labels",
         default=None,
         help="its target: a layout ('a red circle in the top left') or name=index pairs ('color=2 shape=0')",
     )
-    gen.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale s")
+    gen.add_argument("--classifier-scale", type=float, default=5.0, help="classifier guidance scale s")
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

@@ -39,7 +39,7 @@ def generate(
     torch_dtype: torch.dtype | None = None,
     classifier: str | Path | None = None,
     class_labels: str | None = None,
-    classifier_scale: float = 10.0,
+    classifier_scale: float = 5.0,
 ) -> list[Path]:
     """Generate images for one prompt and save them as PNG.
 
@@ -60,22 +60,26 @@ def generate(
         loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
         classifier: a folder written by train/train_classifier.py: classifier guidance (Dhariwal & Nichol 2021)
-            towards `class_labels` with scale `classifier_scale`.
+            towards `class_labels` with scale `classifier_scale`; default with class_labels and the embedded model:
+            its own layout classifier (latentdiff/assets/classifier). A stochastic sampler (ddpm) follows it best.
         class_labels: the target, as `read_class_labels` reads it: a shapes layout ("a red circle in the top left")
             for a layout classifier, or "name=index" pairs ("color=2 shape=0").
 
     Returns:
         The paths written.
     """
-    from latentdiff.default_model import DEFAULT_MODEL_DIR
+    from latentdiff.default_model import DEFAULT_CLASSIFIER_DIR, DEFAULT_MODEL_DIR
     from latentdiff.schedulers.registry import choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
     _check_arguments(output, steps, num_images, sampler, karras, eta)
+    if classifier is None and class_labels is not None and model is None:
+        classifier = DEFAULT_CLASSIFIER_DIR  # the embedded default's own
     if (classifier is None) != (class_labels is None):
         raise ValueError(
-            "classifier guidance needs both classifier (--classifier FOLDER) and class_labels (--class-labels ...)."
+            "classifier guidance needs class_labels (--class-labels ...) and, for a model other than the embedded "
+            "default, a classifier trained for it (--classifier FOLDER)."
         )
     guidance_kwargs = {}
     if classifier is not None:
