@@ -62,7 +62,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from latentdiff.generate import generate
 
     settings = _sampling_settings(args)
-    for path in generate(args.prompt, height=args.height, width=args.width, **settings):
+    classifier = dict(
+        classifier=args.classifier, class_labels=args.class_labels, classifier_scale=args.classifier_scale
+    )
+    for path in generate(args.prompt, height=args.height, width=args.width, **classifier, **settings):
         print(f"saved {path} (seed {settings['seed']})")
     return 0
 
@@ -263,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen)
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument(
+        "--classifier",
+        default=None,
+        help="classifier guidance: a train_classifier.py folder (default: the embedded model's own)",
+    )
+    gen.add_argument(
+        "--class-labels",
+        default=None,
+        help="its target: a layout ('a red circle in the top left') or name=index pairs ('color=2 shape=0')",
+    )
+    gen.add_argument(
+        "--classifier-scale", type=validation.finite_float, default=5.0, help="classifier guidance scale s"
+    )
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

@@ -6,3 +6,5 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+# its noise-aware layout classifier for classifier guidance (train/configs/shapes_classifier.yaml)
+DEFAULT_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "classifier"

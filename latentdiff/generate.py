@@ -41,6 +41,9 @@ def generate(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    classifier: str | Path | None = None,
+    class_labels: str | None = None,
+    classifier_scale: float = 5.0,
 ) -> list[Path]:
     """Generate images for one prompt and save them as PNG.
 
@@ -64,10 +67,16 @@ def generate(
         loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
         overwrite: replace existing files; without it an existing output file is refused before any work.
+        classifier: a folder written by train/train_classifier.py: classifier guidance (Dhariwal & Nichol 2021)
+            towards `class_labels` with scale `classifier_scale`; default with class_labels and the embedded model:
+            its own layout classifier (latentdiff/assets/classifier). A stochastic sampler (ddpm) follows it best.
+        class_labels: the target, as `read_class_labels` reads it: a shapes layout ("a red circle in the top left")
+            for a layout classifier, or "name=index" pairs ("color=2 shape=0").
 
     Returns:
         The paths written.
     """
+    from latentdiff.default_model import DEFAULT_CLASSIFIER_DIR
     from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
@@ -75,6 +84,23 @@ def generate(
     _check_arguments(paths, steps, num_images, sampler, karras, eta, guidance, overwrite)
     seed = validation.check_seed(seed, num_images)
     _check_model(model, height, width, loras)
+    if classifier is None and class_labels is not None and model is None:
+        classifier = DEFAULT_CLASSIFIER_DIR  # the embedded default's own
+    if (classifier is None) != (class_labels is None):
+        raise ValueError(
+            "classifier guidance needs class_labels (--class-labels ...) and, for a model other than the embedded "
+            "default, a classifier trained for it (--classifier FOLDER)."
+        )
+    guidance_kwargs = {}
+    if classifier is not None:
+        from latentdiff.models.classifier import NoiseAwareClassifier
+
+        guide = NoiseAwareClassifier.from_pretrained(classifier).to(device)
+        guidance_kwargs = dict(
+            classifier=guide,
+            class_labels=read_class_labels(class_labels),
+            classifier_guidance_scale=classifier_scale,
+        )
     if seed is None:
         seed = validation.random_seed()
     logger.info("generating %d image(s) for %r with seed %d", num_images, prompt, seed)
@@ -93,6 +119,7 @@ def generate(
         width=width,
         generator=generators,
         eta=eta,
+        **guidance_kwargs,
     ).images
 
     settings = {
@@ -104,6 +131,10 @@ def generate(
         steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
     )
     settings.update(karras=str(karras), eta=str(eta))
+    if classifier is not None:
+        settings.update(
+            classifier=str(classifier), class_labels=class_labels, classifier_scale=str(classifier_scale)
+        )
     return save_images(images, paths, settings, seed, grid, overwrite)
 
 
@@ -170,6 +201,26 @@ def _check_model(
             "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
         )
     _check_size_and_loras(DEFAULT_MODEL_DIR if model is None else Path(model), height, width, loras)
+
+
+def read_class_labels(text: str) -> dict[str, int]:
+    """Target labels of classifier guidance from text: "name=index" pairs separated by spaces or commas
+    ("color=2 shape=0"), or else a shapes-world layout caption read by `latentdiff.data.scene_labels` ("a red circle
+    in the top left": that cell holds a red circle, every other cell is empty)."""
+    from latentdiff.data.scene_labels import caption_labels
+
+    if "=" not in text:
+        try:
+            return caption_labels(text)
+        except ValueError as error:
+            raise ValueError(f"class_labels={text!r}: {error}") from error
+    labels = {}
+    for pair in text.replace(",", " ").split():
+        name, _, index = pair.partition("=")
+        if not name or not index.isdigit():
+            raise ValueError(f"class_labels={text!r}: {pair!r} is not name=index, e.g. 'color=2 shape=0'.")
+        labels[name] = int(index)
+    return labels
 
 
 def _check_arguments(

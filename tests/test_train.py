@@ -826,13 +826,16 @@ def test_input_perturbation_moves_the_unet_input_not_the_target(
 @pytest.mark.parametrize(
     "name, task",
     [("example_t2i", "t2i"), ("shapes_t2i", "t2i"), ("shapes_vae", "vae"), ("shapes_vae_refine", "vae"),
-     ("shapes_clip", "clip"), ("shapes_lora_star", "lora")],
+     ("shapes_clip", "clip"), ("shapes_lora_star", "lora"), ("shapes_classifier", "classifier")],
 )  # fmt: skip
 def test_every_shipped_yaml_config_parses_with_its_task_config(name, task):
+    from train.tasks.classifier import ClassifierTaskConfig
     from train.tasks.clip import ClipConfig
     from train.tasks.lora import LoraConfig
     from train.tasks.vae import VaeConfig
 
-    config_class = {"t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig}[task]
+    config_class = {
+        "t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig, "classifier": ClassifierTaskConfig
+    }[task]  # fmt: skip
     cfg = parse_config(["--config", str(REPO / "train" / "configs" / f"{name}.yaml")], config_class)
     assert type(cfg) is config_class and cfg.train_data_dir

@@ -18,8 +18,9 @@ with `compute_loss`, `validate` and `export`:
     tasks/inpaint.py, tasks/inpaint_masks.py   `--inpainting`: an SD-inpainting UNet (2C+1 inputs), random masks
     tasks/lora.py   LoRA adapters on the text-to-image task
     tasks/vae.py    the autoencoder        tasks/clip.py   contrastive text-image pretraining
-The scripts: train_t2i.py, train_lora.py, train_vae.py, train_clip.py (each `main()` reads in one screen), and
-export_default.py (ship a trained folder as the embedded default).
+    tasks/classifier.py   the noise-aware layout classifier of classifier guidance
+The scripts: train_t2i.py, train_lora.py, train_vae.py, train_clip.py, train_classifier.py (each `main()` reads in
+one screen), and export_default.py (ship a trained folder as the embedded default).
 
 Training needs the `[train]` extras (accelerate, datasets, pyyaml, tensorboard): `pip install -e ".[train]"`.
 """

@@ -10,8 +10,11 @@ smaller version of the same idea, reusing the UNet's blocks):
     e_t = TimestepEmbedding(timestep_embedding(t))                      (B, E)
     h = conv_in(x_t)                                                    (B, C, h, w)
     per level: ResBlock(h, e_t) × layers_per_block, then Downsample (not after the last)
-    pooled = mean over H, W of SiLU(GroupNorm(h))                       (B, C_last)
+    pooled = average of SiLU(GroupNorm(h)) over a P × P grid, flattened  (B, C_last·P²)
     logits[a] = Linear_a(pooled)                                        (B, K_a) per attribute a
+
+P = ``pool_size``: 1 is the global mean (what an image-level label needs); 3 keeps one average per cell of the
+shapes world's 3×3 grid, so labels that depend on where things are (what each cell holds) stay readable.
 
 | code name                 | symbol                | meaning                                                   |
 |---------------------------|-----------------------|-----------------------------------------------------------|
@@ -46,12 +49,17 @@ class ClassifierConfig:
     layers_per_block: int = 1
     norm_groups: int = 8
     time_embed_dim: int = 128  # E
+    pool_size: int = 1  # P: the features are averaged over a P × P grid of the latent before the heads
 
     def __post_init__(self) -> None:
         attributes = tuple((str(name), int(count)) for name, count in self.attributes)
         object.__setattr__(self, "attributes", attributes)
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         names = [name for name, _ in attributes]
+        if self.pool_size < 1:
+            raise ValueError(
+                f"pool_size={self.pool_size!r} must be >= 1 (1: global mean; 3: one average per cell)."
+            )
         if not attributes or len(set(names)) != len(names) or any(count < 2 for _, count in attributes):
             raise ValueError(
                 f"attributes={attributes!r} must name at least one label, each once, with >= 2 classes, e.g. "
@@ -79,7 +87,8 @@ class NoiseAwareClassifier(nn.Module):
                 layers.append(Downsample(width))
         self.layers = nn.ModuleList(layers)
         self.norm_out = nn.GroupNorm(c.norm_groups, previous)
-        self.heads = nn.ModuleDict({name: nn.Linear(previous, count) for name, count in c.attributes})
+        features = previous * c.pool_size**2
+        self.heads = nn.ModuleDict({name: nn.Linear(features, count) for name, count in c.attributes})
 
     def forward(self, sample: Tensor, timestep: Tensor | float) -> dict[str, Tensor]:
         """Logits per attribute.
@@ -96,7 +105,9 @@ class NoiseAwareClassifier(nn.Module):
         h = self.conv_in(sample)
         for layer in self.layers:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        pooled = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # (B, C_last)
+        pooled = F.adaptive_avg_pool2d(F.silu(self.norm_out(h)), self.config.pool_size).flatten(
+            1
+        )  # (B, C·P²)
         return {name: head(pooled) for name, head in self.heads.items()}
 
     def log_prob(self, sample: Tensor, timestep: Tensor | float, labels: dict[str, Tensor]) -> Tensor:
