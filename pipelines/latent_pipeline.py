@@ -274,7 +274,7 @@ class LatentPipeline(LoraMixin):
             for i, t in enumerate(self.scheduler.timesteps):
                 model_input = torch.cat([latents, latents]) if do_guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                model_output = self.unet(model_input, t, context)
+                model_output = self._unet_output(model_input, t, context, i)
                 if do_guidance:
                     model_output_uncond, model_output_cond = model_output.chunk(2)
                     model_output = model_output_uncond + guidance_scale * (
@@ -297,6 +297,12 @@ class LatentPipeline(LoraMixin):
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
+
+    def _unet_output(
+        self, model_input: torch.Tensor, t: torch.Tensor, context: torch.Tensor, i: int
+    ) -> torch.Tensor:
+        """The UNet's prediction at step i (a subclass adds its conditioning here: `ControlNetPipeline`)."""
+        return self.unet(model_input, t, context)
 
     def _check_scalars(
         self,
