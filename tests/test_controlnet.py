@@ -306,3 +306,118 @@ def test_diffusers_pipelines_run_this_projects_unet_and_controlnet(
     assert np.abs(mixed(**arguments, image=[image], generator=seeded()).images - reference).max() <= 2e-3
     reference = text_reference(**arguments, generator=seeded()).images
     assert np.abs(text_only(**arguments, generator=seeded()).images - reference).max() <= 2e-3
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def make_conditioned_imagefolder(folder, n: int = 6, size: int = 32):
+    """An imagefolder of n images with captions and condition images (`conditioning_image_file_name`, which
+    `datasets` reads as the image column `conditioning_image`); row 3's condition is a corrupt file."""
+    import json
+
+    (folder / "conditions").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        condition = folder / "conditions" / f"{i}.png"
+        if i == 3:
+            condition.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+        else:
+            Image.fromarray(rng.integers(0, 2, (size, size, 3), dtype=np.uint8) * 255).save(condition)
+        rows.append(
+            {
+                "file_name": f"{i}.png",
+                "conditioning_image_file_name": f"conditions/{i}.png",
+                "text": PROMPTS[i % 2],
+            }
+        )
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def controlnet_args(model, data, out, **flags) -> list[str]:
+    values = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "output_dir": out,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "seed": 0,
+        "report_to": "none",
+        **flags,
+    }
+    return [
+        part
+        for name, value in values.items()
+        for part in (f"--{name}", *map(str, value if isinstance(value, list) else [value]))
+    ]
+
+
+@pytest.mark.slow
+def test_controlnet_training_trains_only_the_controlnet_and_resume_equals_the_uninterrupted_run(
+    tmp_path, tiny_sd_dir
+):
+    from safetensors.torch import load_file
+
+    from train import train_controlnet
+
+    data = make_conditioned_imagefolder(tmp_path / "data")
+    common = dict(
+        use_ema="",
+        ema_decay=0.9,
+        checkpointing_steps=2,
+        cond_dropout_prob=0.5,
+        validation_holdout=1,
+        validation_prompts=["a red circle"],
+        validation_steps=4,
+        validation_num_inference_steps=2,
+    )
+
+    def flags(steps: int, **more) -> list[str]:
+        return [a for a in controlnet_args(tiny_sd_dir, data, **more, max_train_steps=steps, **common) if a]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_controlnet.main(flags(4, out=whole)) == 0
+        assert train_controlnet.main(flags(2, out=split)) == 0
+        assert train_controlnet.main(flags(4, out=split, resume_from_checkpoint="latest")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("model.safetensors", "ema.safetensors"):  # the ControlNet only, continued exactly
+        a, b = load_file(str(whole / "checkpoint-4" / name)), load_file(str(split / "checkpoint-4" / name))
+        assert any(k.endswith("controlnet_mid_block.weight") for k in a) and not any(
+            "up_blocks" in k for k in a
+        )
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name
+    controlnet = ControlNetModel.from_pretrained(whole)  # the export: EMA weights, diffusers' layout
+    ema = load_file(str(whole / "checkpoint-4" / "ema.safetensors"))
+    assert torch.equal(
+        controlnet.state_dict()["controlnet_mid_block.weight"], ema["controlnet_mid_block.weight"]
+    )
+    assert (
+        float(controlnet.controlnet_mid_block.weight.detach().abs().max()) > 0
+    )  # the zero convolutions trained
+    assert list(DiffusersControlNet.from_pretrained(whole).config.conditioning_embedding_out_channels) == [
+        16,
+        32,
+        96,
+    ]
+    assert (whole / "validation" / "step-000004.png").is_file()
+
+
+def test_controlnet_training_refuses_what_it_cannot_do(tmp_path, tiny_sd_dir):
+    from train.arguments import parse_config
+    from train.loop_config import ConfigError
+    from train.tasks.controlnet import ControlNetTrainConfig
+
+    args = controlnet_args(tiny_sd_dir, tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match="--cache_latents is not available"):
+        parse_config([*args, "--cache_latents", "--center_crop"], ControlNetTrainConfig)
+    with pytest.raises(ConfigError, match="--validation_prompts need condition images"):
+        parse_config([*args, "--validation_prompts", "a red circle"], ControlNetTrainConfig)

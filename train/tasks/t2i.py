@@ -260,7 +260,12 @@ class TextToImageTask:
         input_noise = None
         if self.cfg.input_perturbation:  # ε' = ε + γ·ξ in z_t, ε still the target (arXiv:2301.11706)
             input_noise = noise + self.cfg.input_perturbation * rng.randn(*latents.shape[1:])
-        return self.per_sample_loss(unet, latents, prompt_embeds, noise, timesteps, input_noise).mean()
+        denoiser = self.denoiser(unet, batch)
+        return self.per_sample_loss(denoiser, latents, prompt_embeds, noise, timesteps, input_noise).mean()
+
+    def denoiser(self, unet: nn.Module, batch: dict[str, Any]):
+        """What predicts from (z_t, t, c) for this batch: the UNet (a ControlNet task adds its condition)."""
+        return unet
 
     # ---- validation ----
 
@@ -304,7 +309,11 @@ class TextToImageTask:
                 )
                 losses.append(
                     self.per_sample_loss(
-                        unet, part["latents"], prompt_embeds, part["noise"], part["timesteps"]
+                        self.denoiser(unet, part),
+                        part["latents"],
+                        prompt_embeds,
+                        part["noise"],
+                        part["timesteps"],
                     )
                 )
         return float(torch.cat(losses).mean())
