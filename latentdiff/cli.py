@@ -57,6 +57,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         loras=[_lora_spec(spec) for spec in args.lora],
         device=args.device or _best_device(),
         torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        control=args.control,
+        controlnet=args.controlnet,
+        control_scale=args.control_scale,
     )
     for path in paths:
         print(f"saved {path}")
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights dtype (default float32)",
     )
+    gen.add_argument("--control", default=None, metavar="IMAGE", help="ControlNet condition image")
+    gen.add_argument("--controlnet", default=None, metavar="PATH", help="ControlNet folder for --control")
+    gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight (0: off)")
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

@@ -38,6 +38,9 @@ def generate(
     grid: bool = True,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
+    control: str | Path | None = None,
+    controlnet: str | Path | None = None,
+    control_scale: float = 1.0,
 ) -> list[Path]:
     """Generate images for one prompt and save them as PNG.
 
@@ -55,6 +58,8 @@ def generate(
         sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
         loras: LoRA adapters to load, as paths or (path, scale) pairs.
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
+        control, controlnet: a condition image file and the ControlNet folder it is for (both or neither); the
+            image size defaults to the condition's. control_scale: the ControlNet's weight (0: off).
 
     Returns:
         The paths written.
@@ -65,6 +70,13 @@ def generate(
 
     output = Path(output)
     _check_arguments(output, steps, num_images, sampler, eta)
+    if (control is None) != (controlnet is None):
+        raise ValueError(
+            "control (the condition image) and controlnet (the ControlNet folder) go together: pass both "
+            "(CLI: --control IMAGE --controlnet PATH) or neither."
+        )
+    if control is not None and not Path(control).is_file():
+        raise ValueError(f"control={str(control)!r} is not an image file.")
     if model is None and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ValueError(
             f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
@@ -77,6 +89,14 @@ def generate(
     pipe = (
         LatentPipeline() if model is None else LatentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
     )
+    condition = {}
+    if controlnet is not None:
+        from latentdiff.data.dataset import read_image
+        from pipelines.controlnet import ControlNetPipeline
+
+        parts = (pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
+        pipe = ControlNetPipeline(*parts, controlnet=controlnet)
+        condition = {"image": read_image(control), "controlnet_conditioning_scale": control_scale}
     pipe.to(device=device, dtype=torch_dtype)
     sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
     if type(pipe.scheduler) is not sampler_class:
@@ -96,6 +116,7 @@ def generate(
         width=width,
         generator=generators,
         eta=eta,
+        **condition,
     ).images
 
     settings = {
@@ -104,6 +125,8 @@ def generate(
         "model": str(model or "embedded default"),
     }
     settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
+    if controlnet is not None:
+        settings.update(control=str(control), controlnet=str(controlnet), control_scale=str(control_scale))
     settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)

@@ -308,6 +308,30 @@ def test_diffusers_pipelines_run_this_projects_unet_and_controlnet(
     assert np.abs(text_only(**arguments, generator=seeded()).images - reference).max() <= 2e-3
 
 
+def test_generate_cli_with_a_control_image_writes_the_pipelines_image(
+    tiny_sd_dir, controlnet_dirs, tmp_path, capsys
+):
+    from latentdiff.cli import main
+
+    condition_image().save(tmp_path / "layout.png")
+    out = tmp_path / "out.png"
+    flags = ["--model", str(tiny_sd_dir), "--steps", "2", "--seed", "7", "--guidance", "5"]
+    control = ["--control", str(tmp_path / "layout.png"), "--controlnet", str(controlnet_dirs[0])]
+    assert main(["generate", PROMPTS[0], "-o", str(out), *flags, *control, "--device", "cpu"]) == 0
+    pipe = ControlNetPipeline.from_pretrained(tiny_sd_dir, controlnet=controlnet_dirs[0])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPTS[0], image=condition_image(), num_inference_steps=2, guidance_scale=5.0, generator=[seeded(7)]
+    ).images[0]
+    with Image.open(out) as written:
+        assert written.text["controlnet"] == str(controlnet_dirs[0])
+        np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+    assert (
+        main(["generate", PROMPTS[0], "-o", str(out), *flags, "--control", str(tmp_path / "layout.png")]) == 2
+    )
+    assert "go together" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
