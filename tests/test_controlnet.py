@@ -445,3 +445,39 @@ def test_controlnet_training_refuses_what_it_cannot_do(tmp_path, tiny_sd_dir):
         parse_config([*args, "--cache_latents", "--center_crop"], ControlNetTrainConfig)
     with pytest.raises(ConfigError, match="--validation_prompts need condition images"):
         parse_config([*args, "--validation_prompts", "a red circle"], ControlNetTrainConfig)
+
+
+# ------------------------------------------------------------------------------------------ the layouts demonstration
+
+
+def test_layouts_are_valid_and_the_detector_reads_rendered_layouts_fully():
+    from latentdiff.data.layouts import layout_caption, layout_condition, render_layout, sample_layout
+    from latentdiff.eval.layouts import score_layout, summarise
+
+    layouts = [sample_layout(np.random.default_rng([7, i]), num_objects=1 + i % 3) for i in range(24)]
+    for layout in layouts:
+        shapes = [o.shape for o in layout.objects]
+        assert len(set(shapes)) == len(shapes)  # the caption's colours bind to the silhouettes by shape
+        assert all(0 <= v <= 1 for o in layout.objects for v in o.bbox())
+    assert layout_caption(layouts[2]).count(" and ") == 2 and layout_caption(layouts[2]).endswith(
+        "background"
+    )
+    condition = np.asarray(layout_condition(layouts[0]))
+    assert condition.shape == (64, 64, 3) and (condition[..., 0] == condition[..., 1]).all()  # no colour
+    assert summarise([score_layout(render_layout(layout), layout) for layout in layouts])["full_match"] == 1.0
+    # the same objects 8 px to the right: colour, shape and size still right, places wrong
+    layout = layouts[0]
+    shifted = type(layout)(
+        layout.background,
+        tuple(type(o)(o.color, o.shape, o.size, (o.center[0] + 0.125, o.center[1])) for o in layout.objects),
+    )
+    result = score_layout(render_layout(shifted), layout)
+    assert result["placed"] == 0 and not result["full_match"]
+
+
+def test_layout_dataset_loads_with_its_condition_column(tmp_path):
+    from latentdiff.data.dataset import load_image_caption_dataset
+    from latentdiff.data.layouts import write_layout_dataset
+
+    dataset = load_image_caption_dataset(train_data_dir=str(write_layout_dataset(tmp_path / "layouts", 3)))
+    assert len(dataset) == 3 and {"image", "conditioning_image", "text"} <= set(dataset.column_names)
