@@ -17,6 +17,7 @@ on the same weights.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,22 @@ class ControlNetPipeline(LatentPipeline):
     ) -> ControlNetPipeline:
         """A Stable Diffusion folder (as `LatentPipeline.from_pretrained`) with `controlnet` (models or folders;
         folders load in `torch_dtype`)."""
-        pipe = cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler), controlnet=controlnet)
-        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+        directory = _model_dir(path_or_hub_id)
+        if controlnet is None:  # a folder written by save_pretrained: its controlnet/, controlnet_1/, ...
+            controlnet = sorted(directory.glob("controlnet*/"), key=lambda p: (len(p.name), p.name))
+        return cls(**_load_parts(directory, torch_dtype, scheduler), controlnet=controlnet or None)
+
+    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
+        """`LatentPipeline.save_pretrained`'s folder plus the ControlNets in `controlnet/` (then `controlnet_1/`,
+        ...), as diffusers' StableDiffusionControlNetPipeline writes and reads it."""
+        super().save_pretrained(save_directory, model_card)
+        directory = Path(save_directory)
+        for k, net in enumerate(self.controlnets):
+            net.save_pretrained(directory / ("controlnet" if k == 0 else f"controlnet_{k}"))
+        index = json.loads((directory / "model_index.json").read_text())
+        kind = "ControlNetModel" if len(self.controlnets) == 1 else "MultiControlNetModel"
+        index.update(_class_name="StableDiffusionControlNetPipeline", controlnet=["diffusers", kind])
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device=None, dtype=None) -> ControlNetPipeline:
         """Move the UNet, VAE, text encoder and ControlNets; returns self."""

@@ -278,6 +278,18 @@ def test_switched_off_controlnet_gives_the_base_pipelines_images_bit_for_bit(tin
     assert np.array_equal(off, base(**arguments, generator=seeded()).images)
 
 
+def test_save_pretrained_writes_a_controlnet_pipeline_folder_both_sides_read(
+    tiny_sd_dir, controlnet_dirs, tmp_path
+):
+    pipe = ControlNetPipeline.from_pretrained(tiny_sd_dir, controlnet=controlnet_dirs)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = ControlNetPipeline.from_pretrained(tmp_path / "saved")  # its controlnet/ and controlnet_1/
+    theirs = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    assert len(again.controlnets) == 2 and len(theirs.controlnet.nets) == 2
+    for mine, saved in zip(pipe.controlnets, again.controlnets):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), saved.state_dict().values()))
+
+
 def test_diffusers_pipelines_run_this_projects_unet_and_controlnet(
     tiny_sd_dir, controlnet_dirs, diffusers_ddim
 ):
