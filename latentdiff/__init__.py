@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DDPMScheduler": "latentdiff.schedulers",
     "DDIMScheduler": "latentdiff.schedulers",
+    "EulerDiscreteScheduler": "latentdiff.schedulers",
+    "EulerAncestralDiscreteScheduler": "latentdiff.schedulers",
+    "HeunDiscreteScheduler": "latentdiff.schedulers",
+    "DPMSolverMultistepScheduler": "latentdiff.schedulers",
     "ConditionalUNet": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",
     "ControlNetModel": "latentdiff.models.controlnet",

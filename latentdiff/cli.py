@@ -1,7 +1,8 @@
-"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench`.
+"""The `latentdiff` command line: `latentdiff generate | convert | make-dataset | bench | serve`.
 
 Each sub-command parses its flags here and calls one library function; heavy imports (torch, diffusers) happen only
-inside the command that needs them, so `latentdiff --help` is instant.
+inside the command that needs them, so `latentdiff --help` is instant. A user error (a bad value, a missing or
+existing file) prints one line, `latentdiff COMMAND: error: ...`, and exits with code 2, as argparse does.
 """
 
 from __future__ import annotations
@@ -11,18 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-from latentdiff import __version__
+from latentdiff import __version__, validation
 
+# latentdiff.schedulers.registry.SAMPLERS's names, listed here so that `--help` imports no torch (a test keeps the two
+# equal)
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+KARRAS_HELP = "Karras et al. 2022 noise levels (euler, heun, dpmpp_2m, dpmpp_2m_sde)"
 
-def _lora_spec(text: str) -> tuple[str, float]:
-    """Parse `PATH[:SCALE]` (the scale defaults to 1.0)."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path and not scale.startswith(("/", "\\")):
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
+# the default of --steps, --guidance and --sampler, said in their help
+_CARRIED = " (default: the model's sampling_settings.json, else diffusers' 50 steps, guidance 7.5)"
 
 
 def _best_device() -> str:
@@ -41,6 +39,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from latentdiff.generate import generate
 
+    loras = [validation.parse_lora_spec(spec) for spec in args.lora]
+    seed = validation.check_seed(args.seed, args.num_images)
+    seed = validation.random_seed() if seed is None else seed
     paths = generate(
         args.prompt,
         output=args.output,
@@ -48,13 +49,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         negative=args.negative,
         steps=args.steps,
         guidance=args.guidance,
-        seed=args.seed,
+        seed=seed,
         num_images=args.num_images,
         height=args.height,
         width=args.width,
         sampler=args.sampler,
+        karras=args.karras,
         eta=args.eta,
-        loras=[_lora_spec(spec) for spec in args.lora],
+        loras=loras,
+        overwrite=args.overwrite,
         device=args.device or _best_device(),
         torch_dtype=None if args.dtype is None else getattr(torch, args.dtype),
         control=args.control,
@@ -62,7 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         control_scale=args.control_scale,
     )
     for path in paths:
-        print(f"saved {path}")
+        print(f"saved {path} (seed {seed})")
     return 0
 
 
@@ -96,9 +99,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from latentdiff.conditioning import vae_scale_factor
     from latentdiff.eval import shapesbench
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from latentdiff.eval.sweep import format_sweep_table, parse_sweep, plot_sweep, run_sweep
+    from latentdiff.lora import find_lora_file
+    from latentdiff.schedulers.registry import check_sampler, choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
+    if args.sampler is not None:
+        check_sampler(args.sampler, args.karras)
+    loras = [validation.parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in loras:
+        find_lora_file(path)
+    for name in ("grid", "json"):  # check where the results go before the bench runs
+        if getattr(args, name):
+            validation.check_output_file(Path(getattr(args, name)), overwrite=True, name=f"--{name}")
+    sweep = parse_sweep(args.sweep) if args.sweep else None  # checked before loading any model
     if args.prompts:  # read (and check) the prompt file before loading any model
         prompts = shapesbench.read_prompt_file(args.prompts)
     else:
@@ -106,39 +120,68 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = shapesbench.bench_prompts(groups)
     pipe = LatentPipeline() if args.model is None else LatentPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    sampler_class = DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
-    for path, scale in (_lora_spec(spec) for spec in args.lora):
+    pipe.scheduler = choose_sampler(pipe.scheduler, args.sampler, args.karras)
+    steps, guidance = pipe.resolve_sampling(args.steps, args.guidance)
+    for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
 
-    def generate_fn(texts: list[str], seeds: list[int]) -> list:
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(
-            texts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators
-        ).images
+    def make_generate_fn(steps: int, guidance: float):
+        def generate_fn(texts: list[str], seeds: list[int]) -> list:
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            return pipe(
+                texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+            ).images
+
+        return generate_fn
 
     settings = {
         "model": args.model or "embedded default",
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
+        "sampler": args.sampler or type(pipe.scheduler).__name__,
+        "karras": args.karras,
+        "steps": steps,
+        "guidance_scale": guidance,
         "lora": args.lora,
     }
+    image_size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+    if sweep is not None:
+        name, values = sweep
+        result = run_sweep(
+            lambda v: make_generate_fn(v, guidance) if name == "steps" else make_generate_fn(steps, v),
+            name,
+            values,
+            prompts,
+            vae=pipe.vae,
+            image_size=image_size,
+            settings={**settings, {"guidance": "guidance_scale", "steps": "steps"}[name]: values},
+        )
+        print(format_sweep_table(result))
+        print(f"saved the sweep plot to {plot_sweep(result, args.plot)}")
+        return _write_json(result, args.json)
     result = shapesbench.run_bench(
-        generate_fn,
+        make_generate_fn(steps, guidance),
         prompts,
         vae=pipe.vae,
-        image_size=pipe.unet.config.sample_size * vae_scale_factor(pipe.vae),
+        image_size=image_size,
         settings=settings,
         grid_path=args.grid,
     )
     print(shapesbench.format_table(result))
     if args.grid:
         print(f"saved a sample grid to {args.grid}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict, path: str | None) -> int:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from latentdiff.webui import serve
+
+    serve(model=args.model, host=args.host, port=args.port, lora_dir=args.lora_dir, device=args.device)
     return 0
 
 
@@ -150,18 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument(
-        "-o", "--output", default="out.png", help="PNG path (several images: a grid, or numbered files)"
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG path (several images: a grid); an existing file is refused unless --overwrite",
     )
     gen.add_argument("--model", default=None, help="SD-layout folder or hub id (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=25, help="number of sampling steps")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    gen.add_argument("--steps", type=int, default=None, help=f"number of sampling steps{_CARRIED}")
+    gen.add_argument(
+        "--guidance",
+        type=validation.finite_float,
+        default=None,
+        help=f"classifier-free guidance scale (<= 1: off){_CARRIED}",
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image (default or -1: random; the seed is printed)",
+    )
     gen.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    gen.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
+    gen.add_argument("--karras", action="store_true", help=KARRAS_HELP)
+    gen.add_argument("--eta", type=validation.finite_float, default=0.0, help="DDIM eta (0: deterministic)")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
     )
@@ -176,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float16", "bfloat16", "float32"],
         default=None,
         help="weights dtype (default float32)",
+    )
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (without it, an existing file is never replaced: the run is refused)",
     )
     gen.add_argument("--control", default=None, metavar="IMAGE", help="ControlNet condition image")
     gen.add_argument("--controlnet", default=None, metavar="PATH", help="ControlNet folder for --control")
@@ -201,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("make-dataset", help="write a procedural dataset as an imagefolder")
     data.add_argument("world", choices=["shapes"], help="which world to render")
     data.add_argument("out", help="output folder (must be empty unless --overwrite)")
-    data.add_argument("--num-images", type=int, default=10_000)
+    data.add_argument("--num-images", type=int, default=10_000, help="number of images (>= 1)")
     data.add_argument("--size", type=int, default=64, help="canvas side in pixels (>= 32)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument(
@@ -219,14 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="the share of random-polygon scenes (captioned 'random polygons'): autoencoder training data only",
     )
-    data.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    data.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset this command wrote there (images/ and metadata.jsonl; other files are left alone)",
+    )
     data.set_defaults(func=_cmd_make_dataset)
 
     bench = commands.add_parser("bench", help="score a model on ShapesBench")
     bench.add_argument("--model", default=None, help="SD-layout folder (default: the embedded model)")
-    bench.add_argument("--steps", type=int, default=25)
-    bench.add_argument("--guidance", type=float, default=5.0)
-    bench.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    bench.add_argument("--steps", type=int, default=None, help=f"sampling steps{_CARRIED}")
+    bench.add_argument(
+        "--guidance", type=validation.finite_float, default=None, help=f"guidance scale{_CARRIED}"
+    )
+    bench.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler{_CARRIED}")
+    bench.add_argument("--karras", action="store_true", help=KARRAS_HELP)
     bench.add_argument(
         "--prompts", default=None, help="a prompt file (one per line) instead of the fixed set"
     )
@@ -238,7 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
+    bench.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="score each value of one setting (guidance or steps), e.g. guidance=1.5,2,3,5,7.5; writes --plot",
+    )
+    bench.add_argument(
+        "--plot", default="shapesbench_sweep.png", help="with --sweep: where to save the plot PNG"
+    )
     bench.set_defaults(func=_cmd_bench)
+
+    serve = commands.add_parser(
+        "serve", help="a local web page: text to image with a progress bar and a gallery"
+    )
+    serve.add_argument(
+        "--model", default=None, help="SD-layout folder or hub id (default: the embedded model)"
+    )
+    serve.add_argument("--port", type=int, default=7860, help="TCP port (0: any free port)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; 0.0.0.0: everyone)",
+    )
+    serve.add_argument("--lora-dir", default=None, help="a folder of LoRA adapters the page may apply")
+    serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best there is)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -250,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # user errors: one line, no traceback
         print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,24 +1,25 @@
 """`generate`: prompt -> PNG files; the library function behind `latentdiff generate`.
 
-It checks every argument (and that the output folder exists) before loading a model, seeds one generator per image
-(image i of a batch is the image a single run with seed + i gives), and writes the prompt, seed and settings into
-each PNG's text chunks (and in the web UIs' `parameters` chunk) so any image can be made again.
+It checks every argument (that the output folder exists and is writable, that no existing file would be replaced,
+the seed, the size against the model's config files, the LoRA files and scales) before loading a model, seeds one
+generator per image (image i of a batch is the image a single run with seed + i gives), and writes the prompt, seed
+and settings into each PNG's text chunks (and the web UIs' `parameters` chunk) so any image can be made again. An existing file is never replaced unless
+`overwrite=True` (CLI: `--overwrite`): the run is refused before any work.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from latentdiff import validation
 from latentdiff.images import image_grid, png_text
 
 logger = logging.getLogger(__name__)
-
-SAMPLERS = ("ddim", "ddpm")
 
 
 def generate(
@@ -26,18 +27,20 @@ def generate(
     output: str | Path,
     model: str | Path | None = None,
     negative: str | None = None,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
     height: int | None = None,
     width: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
+    karras: bool = False,
     eta: float = 0.0,
     loras: Sequence[str | Path | tuple[str | Path, float]] = (),
     grid: bool = True,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
     control: str | Path | None = None,
     controlnet: str | Path | None = None,
     control_scale: float = 1.0,
@@ -46,18 +49,24 @@ def generate(
 
     Args:
         prompt: the text.
-        output: a file path ending in ".png"; its folder must exist.
+        output: a file path ending in ".png"; its folder must exist, and an existing file is refused unless
+            overwrite.
         model: a diffusers SD folder or hub id; default: the embedded default model.
         negative: negative prompt (default: the empty prompt).
-        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none).
-        seed: seed of the first image (image i uses seed + i); default: a fresh random seed, logged and saved in
-            the PNGs.
+        steps: sampler steps; guidance: classifier-free guidance scale (<= 1: none). Each (and the sampler) defaults
+            to the model folder's sampling settings (`sampling_settings.json`), else to diffusers' defaults (50
+            steps, guidance 7.5, the folder's sampler).
+        seed: seed of the first image (image i uses seed + i), 0 .. 2**64 - num_images; None or -1: a fresh random
+            seed, logged and saved in the PNGs.
         num_images: how many images; with several, `grid=True` writes one grid at `output`, `grid=False` writes
             numbered files `<stem>-1.png ... <stem>-N.png` beside it.
         height, width: pixels (default: the model's native size).
-        sampler: "ddim" or "ddpm" (both read the model's scheduler config); eta: DDIM's η.
-        loras: LoRA adapters to load, as paths or (path, scale) pairs.
+        sampler: one of ddim, ddpm, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde (each built on the model's
+            scheduler config: its training schedule), or None for the model's own sampler; eta: DDIM's η.
+        karras: space the noise levels by Karras et al. 2022 (euler, heun, dpmpp_2m, dpmpp_2m_sde).
+        loras: LoRA adapters to load, as paths or (path, scale) pairs (needs `LatentPipeline.load_lora_weights`).
         device, torch_dtype: where and in which dtype to run (default CPU, float32).
+        overwrite: replace existing files; without it an existing output file is refused before any work.
         control, controlnet: a condition image file and the ControlNet folder it is for (both or neither); the
             image size defaults to the condition's. control_scale: the ControlNet's weight (0: off).
 
@@ -65,11 +74,13 @@ def generate(
         The paths written.
     """
     from latentdiff.default_model import DEFAULT_MODEL_DIR
-    from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
+    from latentdiff.schedulers.registry import choose_sampler
     from pipelines.latent_pipeline import LatentPipeline
 
     output = Path(output)
-    _check_arguments(output, steps, num_images, sampler, eta)
+    paths = _output_paths(output, num_images, grid)
+    _check_arguments(paths, steps, num_images, sampler, karras, eta, guidance, overwrite)
+    seed = validation.check_seed(seed, num_images)
     if (control is None) != (controlnet is None):
         raise ValueError(
             "control (the condition image) and controlnet (the ControlNet folder) go together: pass both "
@@ -82,8 +93,9 @@ def generate(
             f"model=None means the embedded default model ({DEFAULT_MODEL_DIR}), which this installation does not "
             "have yet; pass model='path/to/sd-folder' or a hub id (CLI: --model PATH_OR_ID)."
         )
+    _check_size_and_loras(DEFAULT_MODEL_DIR if model is None else Path(model), height, width, loras)
     if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+        seed = validation.random_seed()
     logger.info("generating %d image(s) for %r with seed %d", num_images, prompt, seed)
 
     pipe = (
@@ -95,12 +107,11 @@ def generate(
         from pipelines.controlnet import ControlNetPipeline
 
         parts = (pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
-        pipe = ControlNetPipeline(*parts, controlnet=controlnet)
+        pipe = ControlNetPipeline(*parts, controlnet=controlnet, sampling_settings=pipe.sampling_settings)
         condition = {"image": read_image(control), "controlnet_conditioning_scale": control_scale}
     pipe.to(device=device, dtype=torch_dtype)
-    sampler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    if type(pipe.scheduler) is not sampler_class:
-        pipe.scheduler = sampler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = choose_sampler(pipe.scheduler, sampler, karras)
+    steps, guidance = pipe.resolve_sampling(steps, guidance)
     for lora in loras:
         path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
         pipe.load_lora_weights(path, scale=scale)
@@ -124,43 +135,99 @@ def generate(
         "negative_prompt": negative or "",
         "model": str(model or "embedded default"),
     }
-    settings.update(steps=str(steps), guidance=str(guidance), sampler=sampler, eta=str(eta))
+    settings.update(
+        steps=str(steps), guidance=str(guidance), sampler=sampler or type(pipe.scheduler).__name__
+    )
+    settings.update(karras=str(karras), eta=str(eta))
     if controlnet is not None:
         settings.update(control=str(control), controlnet=str(controlnet), control_scale=str(control_scale))
     settings["size"] = "{}x{}".format(*images[0].size)
     if num_images == 1 or grid:
         image = images[0] if num_images == 1 else image_grid(images)
         seeds = str(seed) if num_images == 1 else f"{seed}..{seed + num_images - 1} (row by row)"
-        image.save(output, pnginfo=png_text({**settings, "seed": seeds}))
+        _save_png(image, output, {**settings, "seed": seeds}, overwrite)
         return [output]
-    paths = []
-    for i, image in enumerate(images):
-        path = output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
-        image.save(path, pnginfo=png_text({**settings, "seed": str(seed + i)}))
-        paths.append(path)
+    for i, (image, path) in enumerate(zip(images, paths)):
+        _save_png(image, path, {**settings, "seed": str(seed + i)}, overwrite)
     return paths
 
 
-def _check_arguments(output: Path, steps: int, num_images: int, sampler: str, eta: float) -> None:
+def _output_paths(output: Path, num_images: int, grid: bool) -> list[Path]:
+    """The files a call writes: `output`, or `<stem>-1.png ... <stem>-N.png` beside it for N separate images."""
+    if num_images == 1 or grid or not isinstance(num_images, int):
+        return [output]
+    return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(num_images)]
+
+
+def _check_arguments(
+    paths: list[Path],
+    steps: int | None,
+    num_images: int,
+    sampler: str | None,
+    karras: bool,
+    eta: float,
+    guidance: float | None,
+    overwrite: bool,
+) -> None:
     """Everything that can be checked without a model, so a typo fails in a second, not after loading."""
-    if output.is_dir():
+    from latentdiff.schedulers.registry import check_sampler
+
+    for path in paths:
+        validation.check_output_file(path, overwrite)
+    if paths[0].suffix.lower() != ".png":
         raise ValueError(
-            f"output={str(output)!r} is a folder; pass a file name in it, e.g. {str(output / 'out.png')!r}."
+            f"output={str(paths[0])!r} must be a .png file name, e.g. {str(paths[0].with_suffix('.png'))!r}."
         )
-    if not output.parent.is_dir():
-        raise ValueError(
-            f"output={str(output)!r}: the folder {str(output.parent)!r} does not exist; create it first or pick "
-            "another path."
-        )
-    if output.suffix.lower() != ".png":
-        raise ValueError(
-            f"output={str(output)!r} must be a .png file name, e.g. {str(output.with_suffix('.png'))!r}."
-        )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if guidance is not None:
+        validation.check_finite("guidance", guidance, "5.0")
+    validation.check_finite("eta", eta, "0.0")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be an int >= 1.")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    if sampler is not None:
+        check_sampler(sampler, karras)
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0.")
+
+
+def _check_size_and_loras(
+    model_dir: Path,
+    height: int | None,
+    width: int | None,
+    loras: Sequence[str | Path | tuple[str | Path, float]],
+) -> None:
+    """Checks that need the model's config files or the LoRA files but no weights: the image size (for a local
+    model folder; a hub model is checked by the pipeline once loaded), each LoRA file and scale."""
+    from latentdiff.lora import find_lora_file
+
+    geometry = _native_geometry(model_dir)
+    if geometry is not None and (height is not None or width is not None):
+        native_side, multiple = geometry
+        validation.check_image_size(height or native_side, width or native_side, native_side, multiple)
+    for lora in loras:
+        path, scale = lora if isinstance(lora, tuple) else (lora, 1.0)
+        validation.check_finite(f"the scale of LoRA {str(path)!r}", scale, "0.8")
+        validation.check_safetensors_file(find_lora_file(path))
+
+
+def _native_geometry(model_dir: Path) -> tuple[int, int] | None:
+    """(native image side, the multiple sides must be) from a local model folder's UNet and VAE config.json; None
+    when the folder or files are not there (a hub id)."""
+    from latentdiff.conditioning import vae_scale_factor
+
+    unet_file, vae_file = model_dir / "unet" / "config.json", model_dir / "vae" / "config.json"
+    if not (unet_file.is_file() and vae_file.is_file()):
+        return None
+    try:
+        unet, vae = json.loads(unet_file.read_text()), json.loads(vae_file.read_text())
+        vae_factor = vae_scale_factor(vae)
+        return unet["sample_size"] * vae_factor, vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError):
+        return None  # a broken config is reported, naming its file, when the model loads
+
+
+def _save_png(image, path: Path, settings: dict[str, str], overwrite: bool) -> None:
+    """Write `image` as PNG with `settings` in text chunks; without overwrite, never replace a file (mode "x")."""
+    with open(path, "wb" if overwrite else "xb") as file:
+        image.save(file, format="PNG", pnginfo=png_text(settings))

@@ -9,7 +9,22 @@ import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
 # Stable Diffusion web UI sampler names for this project's samplers.
-WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+# This project's sampler names (and diffusers' class names) as the Stable Diffusion web UIs write them.
+WEBUI_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+}
 
 
 def image_grid(images: list[PIL.Image.Image], columns: int | None = None) -> PIL.Image.Image:
@@ -37,7 +52,7 @@ def webui_parameters(settings: Mapping[str, str]) -> str:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = {
         "Steps": settings.get("steps"),
-        "Sampler": WEBUI_SAMPLER_NAMES.get(settings.get("sampler", ""), settings.get("sampler")),
+        "Sampler": webui_sampler_name(settings.get("sampler"), settings.get("karras") == "True"),
         "CFG scale": settings.get("guidance"),
         "Seed": settings.get("seed"),
         "Size": settings.get("size"),
@@ -46,6 +61,14 @@ def webui_parameters(settings: Mapping[str, str]) -> str:
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value not in (None, "")))
     return "\n".join(lines)
+
+
+def webui_sampler_name(sampler: str | None, karras: bool = False) -> str | None:
+    """A sampler's name as the web UIs write it ("DPM++ 2M Karras"); unknown names pass through unchanged."""
+    if not sampler:
+        return sampler
+    name = WEBUI_SAMPLER_NAMES.get(sampler, sampler)
+    return f"{name} Karras" if karras else name
 
 
 def parse_webui_parameters(text: str) -> dict[str, str]:

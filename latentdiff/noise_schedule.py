@@ -58,6 +58,12 @@ def make_betas(
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer.")
     T = num_train_timesteps
+    uses_range = trained_betas is None and beta_schedule != "squaredcos_cap_v2"
+    if uses_range and not beta_start <= beta_end:
+        raise ValueError(
+            f"beta_start={beta_start} is larger than beta_end={beta_end}: the noise must grow along the chain; "
+            f"swap them (e.g. beta_start={beta_end}, beta_end={beta_start})."
+        )
 
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()

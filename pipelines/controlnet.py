@@ -61,8 +61,11 @@ class ControlNetPipeline(LatentPipeline):
         tokenizer=None,
         controlnet: ControlNetModel | str | Path | list | tuple | None = None,
         prompt=None,
+        sampling_settings=None,
     ) -> None:
-        super().__init__(unet, scheduler, vae, text_encoder, tokenizer, prompt=prompt)
+        super().__init__(
+            unet, scheduler, vae, text_encoder, tokenizer, prompt=prompt, sampling_settings=sampling_settings
+        )
         if controlnet is None:
             raise TypeError(
                 "ControlNetPipeline needs controlnet=: a ControlNetModel, a folder holding one, or a list of them"
@@ -103,10 +106,12 @@ class ControlNetPipeline(LatentPipeline):
             controlnet = sorted(directory.glob("controlnet*/"), key=lambda p: (len(p.name), p.name))
         return cls(**_load_parts(directory, torch_dtype, scheduler), controlnet=controlnet or None)
 
-    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, model_card: str | None = None, sampling_settings=None
+    ) -> None:
         """`LatentPipeline.save_pretrained`'s folder plus the ControlNets in `controlnet/` (then `controlnet_1/`,
         ...), as diffusers' StableDiffusionControlNetPipeline writes and reads it."""
-        super().save_pretrained(save_directory, model_card)
+        super().save_pretrained(save_directory, model_card, sampling_settings)
         directory = Path(save_directory)
         for k, net in enumerate(self.controlnets):
             net.save_pretrained(directory / ("controlnet" if k == 0 else f"controlnet_{k}"))
@@ -131,7 +136,7 @@ class ControlNetPipeline(LatentPipeline):
         image: Any = None,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         control_guidance_start: float | list[float] = 0.0,
@@ -148,7 +153,8 @@ class ControlNetPipeline(LatentPipeline):
                 (diffusers' VaeImageProcessor: Lanczos for PIL images).
             height, width: image size; default: the (first) condition's size, rounded down to a multiple of the
                 VAE factor (as diffusers); must suit the UNet as in `LatentPipeline`.
-            guidance_scale, num_images_per_prompt: as `LatentPipeline.__call__`.
+            guidance_scale, num_images_per_prompt: as `LatentPipeline.__call__` (guidance: the carried sampling
+                settings' by default).
             controlnet_conditioning_scale: s_k, one for all ControlNets or one per ControlNet (0 switches one off).
             control_guidance_start, control_guidance_end: [a_k, b_k] in [0, 1], fractions of the steps during
                 which ControlNet k acts; one for all or one per ControlNet.
@@ -180,6 +186,7 @@ class ControlNetPipeline(LatentPipeline):
         scales = [
             float(s) for s in self._per_net(controlnet_conditioning_scale, "controlnet_conditioning_scale")
         ]
+        _, guidance_scale = self.resolve_sampling(None, guidance_scale)
         self._control = _Control(
             images, scales, starts, ends, guidance_scale > 1.0, num_images_per_prompt, guess_mode
         )

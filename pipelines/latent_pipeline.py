@@ -17,10 +17,11 @@ place they meet.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,30 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from latentdiff import validation
 from latentdiff.conditioning import decode_latents, encode_prompts, vae_scale_factor
+from latentdiff.data.tokenizer import closed_vocabulary, unknown_words
 from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.hub import SUBFOLDERS, local_folder
 from latentdiff.models.unet import ConditionalUNet
-from latentdiff.schedulers import DDIMScheduler
+from latentdiff.sampling_settings import (
+    DIFFUSERS_DEFAULTS,
+    SETTINGS_FILE,
+    SamplingSettings,
+    read_sampling_settings,
+    write_sampling_settings,
+)
+from latentdiff.schedulers.registry import SAMPLERS, sampler_from_config, scheduler_from_folder_config
+from pipelines.classifier_guidance import (
+    alpha_prod_at,
+    check_class_labels,
+    guide_model_output,
+    log_prob_gradient,
+)
 from pipelines.lora_mixin import LoraMixin
 
 logger = logging.getLogger(__name__)
 
-# Sampler configs read as this project's DDIM without a note: they share DDIM's training schedule keys.
-DDIM_COMPATIBLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -93,10 +107,19 @@ class LatentPipeline(LoraMixin):
     tokenizer)` uses the given parts; `LatentPipeline.from_pretrained(path_or_hub_id)` reads a diffusers Stable
     Diffusion folder. A prompt given at construction, `LatentPipeline("a red circle")()` (or `prompt=` with the
     parts), is used by calls that name none; a model path there is refused with a pointer to `from_pretrained`.
+    A folder's recommended sampling settings (`sampling_settings.json`, see `latentdiff.sampling_settings`) are
+    kept in `sampling_settings` and used by `__call__` for what the caller does not set.
     """
 
     def __init__(
-        self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, prompt=None
+        self,
+        unet=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        prompt=None,
+        sampling_settings: SamplingSettings | None = None,
     ) -> None:
         # LatentPipeline("a prompt"): the embedded default, with that prompt
         if isinstance(unet, str | list | tuple):
@@ -118,6 +141,7 @@ class LatentPipeline(LoraMixin):
                     "LatentPipeline.from_pretrained('path/to/folder' or 'hub-owner/model-id')."
                 )
             parts = _load_parts(DEFAULT_MODEL_DIR)
+            sampling_settings = parts.pop("sampling_settings")
         missing = [name for name, part in parts.items() if part is None]
         if missing:
             raise TypeError(
@@ -129,6 +153,7 @@ class LatentPipeline(LoraMixin):
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
+        self.sampling_settings = sampling_settings or SamplingSettings()
         self._progress_bar_config: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -145,17 +170,27 @@ class LatentPipeline(LoraMixin):
                 `huggingface_hub.snapshot_download` (configs and safetensors weights only) when no such folder
                 exists locally.
             torch_dtype: dtype of the UNet, VAE and text encoder (default float32).
-            scheduler: a sampler to use instead of the folder's; by default the folder's scheduler config (DDPM,
-                DDIM or PNDM, as SD ships) is read as this project's `DDIMScheduler`.
+            scheduler: a sampler to use instead of the folder's (this project's or any diffusers scheduler); by
+                default the folder's scheduler config loads this project's sampler of that name (Euler, Euler
+                ancestral, Heun, DPM-Solver multistep), and DDPM, DDIM or PNDM configs (as SD ships) load its
+                `DDIMScheduler` (see `latentdiff.schedulers.registry.scheduler_from_folder_config`); a folder's
+                `sampling_settings.json` naming a sampler (`latentdiff.schedulers.registry.SAMPLERS`) loads that one.
         """
         return cls(**_load_parts(_model_dir(path_or_hub_id), torch_dtype, scheduler))
 
-    def save_pretrained(self, save_directory: str | Path, model_card: str | None = None) -> None:
-        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, and a model card
-        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`).
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        model_card: str | None = None,
+        sampling_settings: SamplingSettings | None = None,
+    ) -> None:
+        """Write the diffusers Stable Diffusion layout: `model_index.json`, one subfolder per part, a model card
+        `README.md` (`model_card`, default `latentdiff.model_card.pipeline_card`) and `sampling_settings.json`.
 
         diffusers' `StableDiffusionPipeline.from_pretrained` reads the result (UNet in `UNet2DConditionModel`
         format, sampler as `scheduler_config.json`), and so does `LatentPipeline.from_pretrained`.
+        sampling_settings: the model's recommended sampling settings, written to `sampling_settings.json`
+        (default: the ones this pipeline carries; none carried and none given: no file, so diffusers' defaults).
         """
         import diffusers
 
@@ -179,6 +214,11 @@ class LatentPipeline(LoraMixin):
             "vae": ["diffusers", type(self.vae).__name__],
         }
         (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        settings = sampling_settings or self.sampling_settings
+        if settings.to_dict():
+            write_sampling_settings(directory, settings)
+        else:
+            (directory / SETTINGS_FILE).unlink(missing_ok=True)  # a stale file would speak for this model
         (directory / CARD_NAME).write_text(model_card or pipeline_card(directory))
 
     # ------------------------------------------------------------------------------------- device and bars
@@ -198,7 +238,11 @@ class LatentPipeline(LoraMixin):
     ) -> LatentPipeline:
         """Move the UNet, VAE and text encoder to `device` and/or cast them to `dtype`; returns self."""
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            # only what changes: diffusers warns on every `to(dtype=...)`, even a no-op one
+            changes = {"device": device} if device is not None else {}
+            if dtype is not None and dtype != module.dtype:
+                changes["dtype"] = dtype
+            module.to(**changes)
         return self
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -212,8 +256,8 @@ class LatentPipeline(LoraMixin):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -225,6 +269,9 @@ class LatentPipeline(LoraMixin):
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Callable[..., dict | None] | None = None,
+        classifier: torch.nn.Module | None = None,
+        classifier_guidance_scale: float = 1.0,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None = None,
     ) -> PipelineOutput:
         """Generate images from text.
 
@@ -233,8 +280,10 @@ class LatentPipeline(LoraMixin):
                 given at construction.
             negative_prompt: what to guide away from: one string for every prompt or a list of P; default the
                 empty prompt. Only used when guidance_scale > 1.
-            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps.
-            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone.
+            num_inference_steps: sampler steps, 1 .. the scheduler's num_train_timesteps; default: the model
+                folder's sampling settings, else 50 (diffusers' default).
+            guidance_scale: w of classifier-free guidance; w <= 1 runs the conditional branch alone; default: the
+                model folder's sampling settings, else 7.5 (diffusers' default).
             guidance_rescale: φ in [0, 1] of Lin et al. 2023 against over-exposure; 0 turns it off.
             num_images_per_prompt: N images per prompt; the batch is B = P · N, prompt-major.
             height, width: image size in pixels, divisible by the VAE factor × the UNet's down-sampling factor;
@@ -245,35 +294,46 @@ class LatentPipeline(LoraMixin):
                 here); default: drawn from `generator`.
             prompt_embeds: (P, L, D) text embeddings instead of `prompt`.
             negative_prompt_embeds: (P, L, D) instead of `negative_prompt`.
-            eta: η of DDIM (0 deterministic, 1 DDPM-like variance); passed to the sampler's step.
+            eta: η of DDIM (0 deterministic, 1 DDPM-like variance); passed to the sampler's step when it takes
+                one (any diffusers scheduler drives the loop: it gets only the keywords its step accepts).
             output_type: "pil", "np", "pt" or "latent" (see `PipelineOutput`).
             callback_on_step_end: called as f(pipeline, i, t, {"latents": z}) after step i; may return a dict
                 whose "latents" replaces z.
+            classifier: a noise-aware classifier p_φ(y | z_t) on latents (`latentdiff.models.classifier`) for
+                classifier guidance (Dhariwal & Nichol 2021): each step's model output is shifted by
+                s·√(1 − ᾱ_t)·∇ log p_φ(y | z_t) in the noise-prediction form (`pipelines.classifier_guidance`),
+                after classifier-free guidance.
+            classifier_guidance_scale: s; 0 turns classifier guidance off.
+            class_labels: the target y, {attribute: class index, or a list of B}, one entry per attribute the
+                classifier predicts (e.g. {"color": 2, "shape": 0, "cell": 4}); needed with `classifier`.
 
         Returns:
             PipelineOutput with `.images`.
         """
         if prompt is None and prompt_embeds is None:
             prompt = self.prompt  # the prompt given at construction, if any
-        do_guidance = guidance_scale > 1.0
+        num_inference_steps, guidance_scale = self.resolve_sampling(num_inference_steps, guidance_scale)
         self._check_scalars(num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, eta)
         self._check_output(output_type, callback_on_step_end)
+        validation.check_generator(generator)
+        do_guidance = guidance_scale > 1.0
         cond, uncond = self._text_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_guidance
         )
         batch_size = cond.shape[0] * num_images_per_prompt
+        labels = self._class_labels(classifier, classifier_guidance_scale, class_labels, batch_size)
         # prompt-major batch: [p0, p0, p1, p1] for N = 2, as diffusers
         context = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
             context = torch.cat([uncond.repeat_interleave(num_images_per_prompt, dim=0), context])
-        latents = self._initial_latents(batch_size, height, width, generator, latents)
-
+        # timesteps first: a σ-sampler's init_noise_sigma is its first σ, which set_timesteps chooses
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        step_generator = None if isinstance(generator, list) else generator
+        latents = self._initial_latents(batch_size, height, width, generator, latents)
+        step_kwargs, per_image_noise = self._step_kwargs(generator, eta)
         with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar_config) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                scaled_latents = self.scheduler.scale_model_input(latents, t)  # z_t as the model sees it
+                model_input = torch.cat([scaled_latents, scaled_latents]) if do_guidance else scaled_latents
                 model_output = self._unet_output(model_input, t, context, i)
                 if do_guidance:
                     model_output_uncond, model_output_cond = model_output.chunk(2)
@@ -282,18 +342,30 @@ class LatentPipeline(LoraMixin):
                     )
                     if guidance_rescale > 0.0:
                         model_output = rescale_guidance(model_output, model_output_cond, guidance_rescale)
-                # per-image generators: draw the step's noise here, image by image
-                variance_noise = None
-                if isinstance(generator, list):
-                    variance_noise = randn(latents.shape, generator, latents.device, latents.dtype)
-                latents = self.scheduler.step(
-                    model_output, t, latents, eta=eta, generator=step_generator, variance_noise=variance_noise
-                ).prev_sample
+                if labels is not None:
+                    gradient = log_prob_gradient(classifier, scaled_latents, t, labels)
+                    model_output = guide_model_output(
+                        model_output,
+                        gradient,
+                        alpha_prod_at(self.scheduler.alphas_cumprod, t),
+                        self.scheduler.config.prediction_type,
+                        classifier_guidance_scale,
+                    )
+                if per_image_noise:  # per-image generators: draw the step's noise here, image by image
+                    step_kwargs["variance_noise"] = randn(
+                        latents.shape, generator, latents.device, latents.dtype
+                    )
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    replaced = callback_on_step_end(self, i, t, {"latents": latents})
-                    if replaced:
-                        latents = replaced.get("latents", latents)
+                    latents = _callback_latents(
+                        callback_on_step_end(self, i, t, {"latents": latents}), latents, i
+                    )
                 progress_bar.update()
+        validation.check_finite_tensor(
+            "the denoised latents",
+            latents,
+            "the UNet's output overflowed or its weights hold NaN/inf: run in float32, or check the unet/ weights.",
+        )
         return PipelineOutput(images=self._to_output(latents, output_type))
 
     # ----------------------------------------------------------------------------------- __call__'s parts
@@ -303,6 +375,59 @@ class LatentPipeline(LoraMixin):
     ) -> torch.Tensor:
         """The UNet's prediction at step i (a subclass adds its conditioning here: `ControlNetPipeline`)."""
         return self.unet(model_input, t, context)
+
+    def _class_labels(
+        self,
+        classifier: torch.nn.Module | None,
+        scale: float,
+        class_labels: Mapping[str, int | Sequence[int] | torch.Tensor] | None,
+        batch_size: int,
+    ) -> dict[str, torch.Tensor] | None:
+        """The target labels as (B,) tensors when classifier guidance is on, else None; errors name the argument."""
+        if classifier is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given without a classifier; pass classifier=... as well.")
+            return None
+        if class_labels is None:
+            raise ValueError(
+                "classifier guidance needs class_labels: the target class of each attribute the classifier "
+                f"predicts ({', '.join(name for name, _ in classifier.config.attributes)})."
+            )
+        labels = check_class_labels(classifier, class_labels, batch_size, self.device)
+        return labels if scale != 0.0 else None
+
+    def _step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> tuple[dict[str, Any], bool]:
+        """The keyword arguments this scheduler's `step` takes, and whether the loop draws per-image noise.
+
+        Any diffusers scheduler works: `eta` goes only to a step that takes it (DDIM), the generator only to one
+        that draws noise. A list of generators is drawn from here, image by image, when the step takes
+        `variance_noise`; otherwise the list goes to the step (diffusers' schedulers draw from lists themselves).
+        """
+        accepted = inspect.signature(self.scheduler.step).parameters
+        per_image_noise = isinstance(generator, list) and "variance_noise" in accepted
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = eta
+        elif eta > 0:
+            logger.warning("eta=%s is ignored: %s.step takes no eta.", eta, type(self.scheduler).__name__)
+        if "generator" in accepted and not per_image_noise:
+            step_kwargs["generator"] = generator
+        return step_kwargs, per_image_noise
+
+    def resolve_sampling(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> tuple[int, float]:
+        """(steps, guidance) a call uses: each as given, else the carried sampling settings', else diffusers'."""
+        sources = (self.sampling_settings, DIFFUSERS_DEFAULTS)
+        if num_inference_steps is None:
+            num_inference_steps = next(
+                s.num_inference_steps for s in sources if s.num_inference_steps is not None
+            )
+        if guidance_scale is None:
+            guidance_scale = next(s.guidance_scale for s in sources if s.guidance_scale is not None)
+        return num_inference_steps, guidance_scale
 
     def _check_scalars(
         self,
@@ -320,8 +445,9 @@ class LatentPipeline(LoraMixin):
                 f"num_inference_steps={num_inference_steps} is out of range: pass 1 .. {num_train_timesteps} "
                 "(the scheduler's num_train_timesteps)."
             )
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}.")
+        validation.check_finite("guidance_scale", guidance_scale, "7.5")
+        validation.check_finite("guidance_rescale", guidance_rescale, "0.7")
+        validation.check_finite("eta", eta, "0.0")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 turns it off).")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -352,8 +478,12 @@ class LatentPipeline(LoraMixin):
             raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds.")
         prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
         num_prompts = (
-            len(prompts) if prompts is not None else _check_embeds(prompt_embeds, "prompt_embeds").shape[0]
+            len(prompts)
+            if prompts is not None
+            else self._check_prompt_embeds(prompt_embeds, "prompt_embeds").shape[0]
         )
+        if negative_prompt_embeds is not None and do_guidance:
+            self._check_prompt_embeds(negative_prompt_embeds, "negative_prompt_embeds")
         negatives = None
         if do_guidance and negative_prompt_embeds is None:
             negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
@@ -366,6 +496,7 @@ class LatentPipeline(LoraMixin):
                 )
         # one text-encoder batch for everything to encode: [negatives..., prompts...]
         texts = (negatives or []) + (prompts or [])
+        self._warn_unknown_words(texts)
         encoded = encode_prompts(self.tokenizer, self.text_encoder, texts) if texts else None
         if prompts is not None:
             prompt_embeds = encoded[len(negatives or []) :]
@@ -380,6 +511,32 @@ class LatentPipeline(LoraMixin):
                 )
             uncond = uncond.to(device=self.device, dtype=self.dtype)
         return prompt_embeds.to(device=self.device, dtype=self.dtype), uncond
+
+    def _check_prompt_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
+        """A (P, L, D) tensor of finite values, D the UNet's cross_attention_dim."""
+        embeds = _check_embeds(embeds, name)
+        width = self.unet.config.cross_attention_dim
+        if embeds.shape[-1] != width:
+            raise ValueError(
+                f"{name} has shape {tuple(embeds.shape)} but this UNet reads text embeddings of width {width} "
+                "(its cross_attention_dim); encode the prompts with this pipeline's own text encoder."
+            )
+        validation.check_finite_tensor(name, embeds, "pass finite embeddings.")
+        return embeds
+
+    def _warn_unknown_words(self, texts: list[str]) -> None:
+        """Warn, naming them, about words a closed-vocabulary model (the embedded default) does not know."""
+        vocabulary = closed_vocabulary(self.tokenizer)
+        if vocabulary is None:
+            return
+        unknown = list(dict.fromkeys(w for text in texts for w in unknown_words(text, vocabulary)))
+        if unknown:
+            logger.warning(
+                "this model's vocabulary lacks %s: the text encoder reads them as letter pieces it never learned, "
+                "so the image will not follow them; the words it knows: %s",
+                ", ".join(repr(w) for w in unknown),
+                ", ".join(sorted(w for w in vocabulary if len(w) > 1)),
+            )
 
     def _initial_latents(
         self,
@@ -399,14 +556,7 @@ class LatentPipeline(LoraMixin):
         default_side = self.unet.config.sample_size * vae_factor
         height = default_side if height is None else height
         width = default_side if width is None else width
-        multiple = vae_factor * self.unet.downsample_factor
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(
-                    f"{name}={value!r} must be a positive int divisible by {multiple} (the VAE factor "
-                    f"{vae_factor} × the UNet's down-sampling factor {self.unet.downsample_factor}), "
-                    f"e.g. {default_side}."
-                )
+        validation.check_image_size(height, width, default_side, vae_factor * self.unet.downsample_factor)
         shape = (batch_size, self.unet.config.in_channels, height // vae_factor, width // vae_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
@@ -420,13 +570,23 @@ class LatentPipeline(LoraMixin):
                 f"latents has shape {tuple(latents.shape)} but this call needs {shape} (batch = prompts × "
                 "num_images_per_prompt, UNet in_channels, height / VAE factor, width / VAE factor)."
             )
+        else:
+            validation.check_finite_tensor(
+                "latents", latents, "pass standard normal noise, e.g. torch.randn."
+            )
         latents = latents.to(device=self.device, dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
 
     def _to_output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        images = (decode_latents(self.vae, latents).float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        decoded = decode_latents(self.vae, latents).float()
+        validation.check_finite_tensor(
+            "the image the VAE decoded from finite latents",
+            decoded,
+            "its weights are damaged or it overflowed: check the vae/ weights or run in float32.",
+        )
+        images = (decoded / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output_type == "pt":
             return images
         images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
@@ -452,6 +612,23 @@ def _check_embeds(embeds: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] == 0:
         raise ValueError(f"{name} must be a (P, L, D) tensor with P >= 1, got {_describe(embeds)}.")
     return embeds
+
+
+def _callback_latents(returned: dict | None, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """The latents after callback_on_step_end: its returned "latents" if any, which must keep their shape."""
+    if returned is not None and not isinstance(returned, dict):
+        raise TypeError(
+            f"callback_on_step_end returned {_describe(returned)} at step {step}; return None or a dict such as "
+            '{"latents": latents}.'
+        )
+    replaced = (returned or {}).get("latents", latents)
+    if not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape:
+        raise ValueError(
+            f"callback_on_step_end returned latents of {_describe(replaced)} at step {step}, but the latents have "
+            f"shape {tuple(latents.shape)}; return latents of the same shape (to change the image size, pass "
+            "height and width)."
+        )
+    return replaced
 
 
 def _describe(value: Any) -> str:
@@ -498,7 +675,8 @@ def _model_dir(path_or_hub_id: str | Path) -> Path:
 
 
 def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, scheduler=None) -> dict[str, Any]:
-    """The five parts of the SD folder `directory`, as `LatentPipeline(**parts)` takes them."""
+    """The five parts of the SD folder `directory` and its sampling settings, as `LatentPipeline(**parts)` takes
+    them; the sampler is the one its sampling settings name, built from its scheduler config."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -515,9 +693,21 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
             f"(expected model_index.json and {', '.join(name + '/' for name in SUBFOLDERS)})."
         )
     dtype = torch.float32 if torch_dtype is None else torch_dtype
+    for name in ("unet", "vae", "text_encoder"):  # a truncated file is named here, not deep inside a loader
+        validation.check_safetensors_folder(directory / name)
+    settings = read_sampling_settings(directory)
+    if settings.sampler is not None and settings.sampler not in SAMPLERS:
+        raise ValueError(
+            f"{directory / SETTINGS_FILE}: sampler={settings.sampler!r} is not one of {list(SAMPLERS)}; "
+            "fix the file or delete it to use diffusers' defaults."
+        )
     if scheduler is None:
-        scheduler = _ddim_from_folder_config(directory / "scheduler" / "scheduler_config.json")
+        config_file = directory / "scheduler" / "scheduler_config.json"
+        scheduler = scheduler_from_folder_config(validation.read_json_file(config_file))
+        if settings.sampler is not None:
+            scheduler = sampler_from_config(settings.sampler, scheduler.config)
     return {
+        "sampling_settings": settings,
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,
         "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),
@@ -525,22 +715,3 @@ def _load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedul
         "text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder").to(dtype),
         "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
     }
-
-
-def _ddim_from_folder_config(config_file: Path) -> DDIMScheduler:
-    """This project's DDIM from a folder's scheduler config (DDPM, DDIM or PNDM as SD ships; others with a note).
-
-    A config that does not set `clip_sample` gets False: clamping x̂₀ to [-1, 1] is meant for pixels, and SD's
-    latents are not bounded by 1 (PNDM configs never carry the key; diffusers' StableDiffusionPipeline forces it
-    off as well). An explicit `clip_sample: true` is kept.
-    """
-    config = json.loads(config_file.read_text())
-    written_for = config.get("_class_name", "an unnamed scheduler")
-    if written_for not in DDIM_COMPATIBLE_SCHEDULERS:
-        logger.warning(
-            "%s holds a %s config; it is read as this project's DDIMScheduler (the training schedule keys are "
-            "the same); pass scheduler=... to from_pretrained to choose another sampler.",
-            config_file,
-            written_for,
-        )
-    return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))

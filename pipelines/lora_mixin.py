@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from latentdiff import lora
+from latentdiff.validation import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ class LoraMixin:
             ValueError: a layer of the adapter that the model lacks or whose shape differs (named in the message;
                 the pipeline is left unchanged), a name already in use, or fused adapters.
         """
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a number (the adapter's weight, e.g. 0.8), got {scale!r}.")
+        check_finite("scale", scale, "0.8 (the adapter's weight)")
         parts = lora.read_lora_file(path)
         models = self._lora_models()
         if "text_encoder" in parts and "text_encoder" not in models:
@@ -163,8 +163,8 @@ class LoraMixin:
             raise ValueError(
                 f"set_adapters got {len(names)} names but {len(weights)} weights; give one per name."
             )
-        if any(isinstance(w, bool) or not isinstance(w, numbers.Real) for w in weights):
-            raise TypeError(f"weights must be numbers, got {weights!r}.")
+        for name, weight in zip(names, weights):
+            check_finite(f"the weight of adapter {name!r}", weight, "0.8")
         self._check_unfused("set_adapters")
         self._apply(names, [float(w) for w in weights])
 

@@ -128,3 +128,20 @@ def build_tiny_sd_folder(path: str | Path, seed: int = 0) -> Path:
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-layout folder written by diffusers (read-only for tests: copy it before changing anything)."""
     return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and much faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The imagefolder of `tests.test_data.make_imagefolder` (9 images, one corrupt) for training runs."""
+    from tests.test_data import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("train-data") / "images")

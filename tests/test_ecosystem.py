@@ -64,6 +64,16 @@ def test_pngs_carry_the_web_ui_parameters_chunk(tmp_path):
     )  # no negative line when there is none
 
 
+def test_web_ui_sampler_names_follow_the_web_uis_spelling(tmp_path):
+    out = tmp_path / "euler.png"
+    generate("a red circle", out, steps=2, guidance=3.0, seed=1, sampler="dpmpp_2m", karras=True)
+    assert parse_webui_parameters(Image.open(out).text["parameters"])["Sampler"] == "DPM++ 2M Karras"
+    assert webui_parameters({"prompt": "x", "sampler": "euler_a"}) == "x\nSampler: Euler a"
+    assert (
+        webui_parameters({"prompt": "x", "sampler": "MySampler"}) == "x\nSampler: MySampler"
+    )  # unknown: as is
+
+
 def test_generate_cli_passes_device_and_dtype(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("latentdiff.generate.generate", lambda *args, **kwargs: seen.update(kwargs) or [])

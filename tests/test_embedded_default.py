@@ -15,6 +15,7 @@ from PIL import Image
 from latentdiff import LatentPipeline, cli
 from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.eval import shapesbench
+from latentdiff.sampling_settings import SETTINGS_FILE, SamplingSettings
 
 # Simple single-object prompts of the training grammar (none is a ShapesBench prompt); seed i for prompt i.
 GUARD_PROMPTS = [
@@ -48,6 +49,13 @@ def test_the_default_is_small_safetensors_in_the_sd_layout():
     assert len([f for f in files if f.suffix == ".safetensors"]) == 3  # unet, vae, text encoder
 
 
+def test_the_default_carries_its_sampling_settings(default_pipe):
+    carried = json.loads((DEFAULT_MODEL_DIR / SETTINGS_FILE).read_text())
+    assert default_pipe.sampling_settings == SamplingSettings(**carried)
+    assert carried.keys() == {"sampler", "num_inference_steps", "guidance_scale"}
+    assert type(default_pipe.scheduler).__name__.lower().startswith(carried["sampler"])
+
+
 def test_the_default_loads_offline_in_float32(default_pipe):
     for part in (default_pipe.unet, default_pipe.vae, default_pipe.text_encoder):
         assert all(p.dtype == torch.float32 for p in part.parameters())
@@ -66,10 +74,9 @@ def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
     # Each image must be read by the detector as its whole prompt (colour, shape, size, position, background and no
     # extra object): this guards the shipped weights, held-out pairs included. One miss is allowed (ShapesBench
     # measures 0.99 to 1.00 per group; another CPU's float rounding may move an image, README "The embedded default").
+    # at the sampling settings the default carries (sampling_settings.json), as LatentPipeline()(prompt) runs
     generators = [torch.Generator().manual_seed(i) for i in range(len(GUARD_PROMPTS))]
-    images = default_pipe(
-        GUARD_PROMPTS, num_inference_steps=25, guidance_scale=5.0, generator=generators
-    ).images
+    images = default_pipe(GUARD_PROMPTS, generator=generators).images
     right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
     assert sum(right) >= len(GUARD_PROMPTS) - 1, (
         f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
@@ -107,3 +114,33 @@ def test_bench_runs_on_a_prompt_file_and_writes_the_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["single"]["num_prompts"] == 2 and result["detector"]["full_match"] >= 0.99
     assert result["vae_ceiling"]["full_match"] is not None and (tmp_path / "grid.png").is_file()
+
+
+def test_bench_sweep_names_a_bad_setting_before_loading_a_model(capsys):
+    assert cli.main(["bench", "--sweep", "temperature=1,2"]) == 2
+    assert "--sweep 'temperature=1,2'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_sweep_scores_each_value_and_writes_the_plot_and_json(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(GUARD_PROMPTS[0] + "\n")
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = [
+        "bench",
+        "--prompts",
+        str(prompts),
+        "--sweep",
+        "steps=2,6",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["sweep"] == "steps" and result["values"] == [2, 6] and result["settings"]["steps"] == [2, 6]
+    assert [r["single"]["num_prompts"] for r in result["results"]] == [1, 1]
+    assert result["detector"]["full_match"] >= 0.99 and result["vae_ceiling"]["fidelity"] > 0.9
+    with Image.open(plot) as image:
+        assert image.format == "PNG"

@@ -368,8 +368,10 @@ def test_generate_checks_the_output_folder_before_loading_a_model(tmp_path, monk
         generate("a red circle", tmp_path / "missing-folder" / "out.png", model="any")
     with pytest.raises(ValueError, match="is a folder"):
         generate("a red circle", tmp_path, model="any")
-    with pytest.raises(ValueError, match="sampler='euler'"):
-        generate("a red circle", tmp_path / "out.png", sampler="euler")
+    with pytest.raises(ValueError, match="sampler='lms' is unknown"):
+        generate("a red circle", tmp_path / "out.png", sampler="lms")
+    with pytest.raises(ValueError, match="no Karras sigmas"):
+        generate("a red circle", tmp_path / "out.png", sampler="euler_a", karras=True)
     with pytest.raises(ValueError, match="steps=0"):
         generate("a red circle", tmp_path / "out.png", steps=0)
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "no-default")

@@ -679,8 +679,11 @@ def test_unknown_keyword_is_a_type_error():
 def test_bad_sampling_calls_are_rejected_by_name(scheduler_class):
     scheduler = scheduler_class()
     x = torch.zeros(SHAPE)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        scheduler.step(x, 999, x)
+    if (
+        scheduler_class is DDIMScheduler
+    ):  # DDPM steps the training chain instead (test_samplers.py), as diffusers'
+        with pytest.raises(ValueError, match="set_timesteps"):
+            scheduler.step(x, 999, x)
     for n in (0, T + 1):
         with pytest.raises(ValueError, match="num_inference_steps"):
             scheduler.set_timesteps(n)

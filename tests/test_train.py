@@ -27,7 +27,6 @@ import train.ema
 import train.launch
 import train.loop
 import train.randomness
-from tests.test_data import make_imagefolder
 from train import train_t2i
 from train.arguments import parse_config
 from train.loop_config import ConfigError, LoopConfig
@@ -43,15 +42,6 @@ def parse_t2i(argv: list[str]) -> T2IConfig:
 
 def build_models(cfg: T2IConfig, device: torch.device):
     return t2i_models.build_models(cfg, t2i_models.resolve_model_files(cfg), device, torch.float32)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and much faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -313,11 +303,6 @@ def test_non_finite_loss_stops_before_the_update_and_the_last_checkpoint_resumes
 
 
 # ---- real runs of train_t2i.py ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("train-data") / "images")
 
 
 def t2i_args(model: Path, data: Path, out: Path, **flags) -> list[str]:

@@ -10,7 +10,8 @@ The loop and what it owns:
     data.py         the dataset read and split once, and the resumable data order (`EpochBatchSampler`)
     randomness.py   `derive_seed`, `resolve_seed`, `BatchRandom` (per-micro-batch draws, process-count invariant)
     ema.py          `EMA` of the trained weights
-    checkpoints.py  atomic checkpoints: save, find, rotate, load
+    checkpoints.py  atomic checkpoints with checksums: save, find (past damaged ones), rotate, load
+    output_dir.py   never train over an earlier run by accident; --overwrite_output_dir deletes only a run's files
 The tasks (`train/tasks/`): a config extending `LoopConfig` with the task's own flags, its models, and a task object
 with `compute_loss`, `validate` and `export`:
     tasks/t2i_config.py, tasks/t2i_models.py, tasks/t2i.py   text-to-image (full fine-tune or from scratch)

@@ -6,6 +6,8 @@ The weights are saved in float16 (half the size) and loaded back in float32, as 
 Before anything is written over the destination, the script generates the ShapesBench prompts of a few groups with
 both weight sets (same seeds, 25 DDIM steps) and reports the largest pixel difference and how many images the
 detector reads differently; with --max-changed N it refuses to ship when more than N images change verdict.
+The shipped folder carries --steps and --guidance (DDIM) as its recommended sampling settings
+(`sampling_settings.json`, read by `LatentPipeline` and the CLI when the caller sets none).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 
 from latentdiff.eval import shapesbench
 from latentdiff.model_card import CARD_NAME, model_card
+from latentdiff.sampling_settings import SamplingSettings
 from pipelines.latent_pipeline import LatentPipeline
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -71,8 +74,10 @@ def main() -> int:
     parser.add_argument("source", type=Path, help="trained SD-layout folder (train_t2i.py's --output_dir)")
     parser.add_argument("destination", type=Path, help="where the embedded default goes")
     parser.add_argument("--prompts-per-group", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps: checked, and carried by the model")
+    parser.add_argument(
+        "--guidance", type=float, default=2.0, help="guidance: checked, and carried by the model"
+    )
     parser.add_argument("--max-changed", type=int, default=None, help="refuse if more images change verdict")
     args = parser.parse_args()
 
@@ -83,7 +88,9 @@ def main() -> int:
         halved = copy.deepcopy(full)  # cast a copy: .to() works in place, and `full` must keep float32
         for name in PARTS:
             getattr(halved, name).to(torch.float16)
-        halved.save_pretrained(half_dir)
+        halved.save_pretrained(
+            half_dir, sampling_settings=SamplingSettings("ddim", args.steps, args.guidance)
+        )
         half = LatentPipeline.from_pretrained(half_dir)  # float16 on disk, float32 in memory
         half.set_progress_bar_config(disable=True)
         prompts = shapesbench.bench_prompts(per_group=args.prompts_per_group)

@@ -13,6 +13,7 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -37,10 +38,12 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     Gradient accumulation is done by the loop itself (so the accumulator's own counter is 1). On a machine without
     a GPU `cpu=True` is passed, which is what lets `torchrun --nproc_per_node N` start a real N-process gloo run;
     a launcher that asked for several processes but produced one is an error rather than a silent single run.
+    fp16 on a CPU is refused (ConfigError) before anything starts.
     """
     use_cpu = not torch.cuda.is_available() and not (
         hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     )
+    check_mixed_precision(cfg, use_cpu)
     output_dir = Path(cfg.output_dir)
     log_with = None if cfg.report_to in (None, "none") else cfg.report_to
     if log_with == "tensorboard" and not is_tensorboard_available():
@@ -84,6 +87,25 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     return accelerator
 
 
+def check_mixed_precision(cfg: LoopConfig, use_cpu: bool) -> None:
+    """Refuse fp16 on a CPU (float16 matrix products and the gradient scaler need a GPU): bf16 or no work there.
+
+    The precision is --mixed_precision, else the accelerate config's (`accelerate launch` passes it in the
+    environment as ACCELERATE_MIXED_PRECISION).
+    """
+    from_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if use_cpu and (cfg.mixed_precision or from_config) == "fp16":
+        source = (
+            "--mixed_precision fp16"
+            if cfg.mixed_precision
+            else "the accelerate config's mixed_precision: fp16"
+        )
+        raise ConfigError(
+            f"{source} needs a GPU, and this machine has none: pass --mixed_precision bf16 (which CPUs support) or "
+            "--mixed_precision no."
+        )
+
+
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
     """dtype of the frozen parts: half precision under mixed precision (they are only run forward)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -117,10 +139,15 @@ def run_and_export(
         accelerator.end_training()
         return 1
     out = export(trainer)
+    speed = (  # the first step (warm-up) is not timed: a 1-step run has no speed to report
+        f"{result.images_per_second:.2f} images/s"
+        if math.isfinite(result.images_per_second)
+        else "speed not measured (too few steps)"
+    )
     logger.info(
-        "done: %d steps, %.2f images/s, final loss %.4f; exported to %s",
+        "done: %d steps, %s, final loss %.4f; exported to %s",
         result.global_step,
-        result.images_per_second,
+        speed,
         result.last_loss,
         out,
     )

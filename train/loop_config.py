@@ -19,7 +19,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = (
@@ -99,28 +99,33 @@ def check_flag(name: str, value: Any, annotation: Any, metadata: dict[str, Any])
         return
     kind, _ = field_kind(annotation)
     example = f", e.g. {metadata['example']}" if metadata.get("example") else ""
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < bounds[0][1]:
-            raise ConfigError(f"--{name}={value!r} must be an integer >= {bounds[0][1]}{example}.")
-        return
     tests = {
         "at_least": (lambda v, b: v >= b, ">="),
         "above": (lambda v, b: v > b, ">"),
         "below": (lambda v, b: v < b, "<"),
         "at_most": (lambda v, b: v <= b, "<="),
     }
+    integer = kind is int
     if (
         not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or (integer and not isinstance(value, int))
         or not math.isfinite(value)
         or not all(tests[k][0](value, b) for k, b in bounds)
     ):
         rule = " and ".join(f"{tests[k][1]} {b}" for k, b in bounds)
-        raise ConfigError(f"--{name}={value!r} must be {rule}{example}.")
+        raise ConfigError(f"--{name}={value!r} must be {'an integer ' if integer else ''}{rule}{example}.")
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     """The flags of the training loop that every script shares. Read-only once built."""
+
+    # What a task's export writes at the top of --output_dir, and the caches it keeps there (`train.output_dir`);
+    # whether its rows need a caption (those without one are counted: --max_missing_captions).
+    EXPORTED: ClassVar[tuple[str, ...]] = ()
+    CACHES: ClassVar[tuple[str, ...]] = ()
+    USES_CAPTIONS: ClassVar[bool] = True
 
     # ---- data ----------------------------------------------------------------------------------------------------
     dataset_name: str | None = flag(
@@ -134,6 +139,14 @@ class LoopConfig:
     caption_column: str = flag(
         "text",
         "The dataset column holding the captions: a string, or a list of strings (one is picked at random).",
+    )
+    max_missing_captions: float = flag(
+        0.5,
+        "Largest share of rows allowed without a caption (missing, null or empty: they train as the empty prompt); "
+        "the rows without one are counted and reported, and more than this share stops the run before training.",
+        at_least=0,
+        at_most=1,
+        example="0.5",
     )
     cache_dir: str | None = flag(None, "Where hub downloads (models and datasets) are stored.")
     max_train_samples: int | None = flag(
@@ -172,7 +185,9 @@ class LoopConfig:
     adam_beta2: float = flag(0.999, "AdamW beta2.", at_least=0, below=1)
     adam_weight_decay: float = flag(1e-2, "AdamW decoupled weight decay.", at_least=0)
     adam_epsilon: float = flag(1e-8, "AdamW epsilon.", above=0)
-    max_grad_norm: float = flag(1.0, "Clip the global gradient norm to this value (0 or less: no clipping).")
+    max_grad_norm: float = flag(
+        1.0, "Clip the global gradient norm to this value (0: no clipping).", at_least=0
+    )
     mixed_precision: str | None = flag(
         None, "no | fp16 | bf16; default: the accelerate config's.", choices=MIXED_PRECISIONS
     )
@@ -181,6 +196,9 @@ class LoopConfig:
         None,
         "Seed of every random choice (data order, crops, noise, timesteps, dropout); default: drawn once "
         "and stored in the checkpoints, so a resumed run continues the same sequence.",
+        at_least=0,
+        at_most=2**32 - 1,
+        example="0 (leave it unset to draw a random seed)",
     )
     use_ema: bool = flag(False, "Keep an exponential moving average of the trained weights; it is exported.")
     ema_decay: float = flag(
@@ -205,7 +223,14 @@ class LoopConfig:
         None, "Keep at most this many checkpoints (oldest deleted).", at_least=1
     )
     resume_from_checkpoint: str | None = flag(
-        None, "A checkpoint folder, or 'latest' for the newest complete one in --output_dir."
+        None,
+        "A checkpoint folder, or 'latest' for the newest intact one in --output_dir (a damaged newer one is "
+        "skipped with a warning).",
+    )
+    overwrite_output_dir: bool = flag(
+        False,
+        "Delete an earlier run in --output_dir (its checkpoints, export, logs and validation images; never other "
+        "files) and start again. Without it or --resume_from_checkpoint, a non-empty --output_dir is refused.",
     )
     validation_steps: int | None = flag(
         None, "Validate every N optimizer steps (and always at the end).", at_least=1

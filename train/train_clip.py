@@ -16,6 +16,7 @@ from train.arguments import parse_config
 from train.data import load_data
 from train.launch import make_accelerator, run_and_export, script_main
 from train.loop import Trainer
+from train.output_dir import prepare_output_dir
 from train.randomness import resolve_seed
 from train.tasks.clip import ClipConfig, ClipTask, build_clip, build_tokenizer
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run training; returns the exit status (0 done, 1 stopped on a non-finite loss)."""
     cfg = parse_config(argv, ClipConfig)
     accelerator = make_accelerator(cfg)
+    prepare_output_dir(
+        cfg, accelerator
+    )  # refuse to train over an earlier run; --overwrite_output_dir clears it
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)  # the initial weights
     with accelerator.main_process_first():

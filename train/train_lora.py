@@ -17,6 +17,7 @@ from train.arguments import parse_config
 from train.data import load_data
 from train.launch import make_accelerator, run_and_export, script_main, weight_dtype_of
 from train.loop import Trainer
+from train.output_dir import prepare_output_dir
 from train.randomness import resolve_seed
 from train.tasks.lora import (
     LoraConfig,
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     files = resolve_model_files(cfg)  # configs read once; sizes and widths checked before anything is loaded
     check_lora_targets(cfg, files)  # --lora_targets against the UNet's config
     accelerator = make_accelerator(cfg)
+    prepare_output_dir(
+        cfg, accelerator
+    )  # refuse to train over an earlier run; --overwrite_output_dir clears it
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)
     with accelerator.main_process_first():

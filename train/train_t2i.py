@@ -17,6 +17,7 @@ from train.arguments import parse_config
 from train.data import load_data
 from train.launch import make_accelerator, run_and_export, script_main, weight_dtype_of
 from train.loop import Trainer
+from train.output_dir import prepare_output_dir
 from train.randomness import resolve_seed
 from train.tasks.t2i import TextToImageTask
 from train.tasks.t2i_config import T2IConfig
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, T2IConfig)
     files = resolve_model_files(cfg)  # configs read once; sizes and widths checked before anything is loaded
     accelerator = make_accelerator(cfg)
+    prepare_output_dir(
+        cfg, accelerator
+    )  # refuse to train over an earlier run; --overwrite_output_dir clears it
     seed = resolve_seed(cfg, accelerator)
     set_seed(seed)  # the initial weights of a UNet trained from scratch
     with accelerator.main_process_first():

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,9 +243,11 @@ def star_points(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float,
     return points
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], fill) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], fill, supersample: int = _SUPERSAMPLE
+) -> None:
     """Draws a shape filling the bounding box (x0, y0, x1, y1), in the pixels of the supersampled canvas."""
-    x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in box)
+    x0, y0, x1, y1 = (v * supersample for v in box)
     if shape == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif shape == "square":
@@ -257,12 +260,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], f
         raise ValueError(f"shape={shape!r} is not one of {list(ALL_SHAPES)}")
 
 
-def shape_coverage(shape: str, box: tuple[float, float, float, float], height: int, width: int) -> np.ndarray:
+def shape_coverage(
+    shape: str,
+    box: tuple[float, float, float, float],
+    height: int,
+    width: int,
+    supersample: int = _SUPERSAMPLE,
+) -> np.ndarray:
     """The fraction of each pixel a shape covers, drawn as render_scene draws it: (height, width) float32 in
-    [0, 1]. box: the shape's bounding box (x0, y0, x1, y1) in pixels of this window (it may reach outside)."""
-    mask = Image.new("L", (width * _SUPERSAMPLE, height * _SUPERSAMPLE), 0)
-    _draw_shape(ImageDraw.Draw(mask), shape, box, 255)
-    return np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32) / 255.0
+    [0, 1]. box: the shape's bounding box (x0, y0, x1, y1) in pixels of this window (it may reach outside).
+    supersample: drawn at this many times the resolution, then box-filtered (render_scene's is 4; more places
+    the edges more exactly)."""
+    mask = Image.new("L", (width * supersample, height * supersample), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, box, 255, supersample)
+    return np.asarray(mask.reduce(supersample), dtype=np.float32) / 255.0
 
 
 def render_scene(scene: Scene, size: int = 64) -> Image.Image:
@@ -483,10 +494,7 @@ def iter_shapes_samples(
     """
     if num_images < 0:
         raise ValueError(f"num_images={num_images!r} must be ≥ 0")
-    if not 0.0 <= star_fraction <= 1.0:
-        raise ValueError(f"star_fraction={star_fraction!r} must be in [0, 1], e.g. 0.5 for half star scenes")
-    if not 0.0 <= polygon_fraction <= 1.0:
-        raise ValueError(f"polygon_fraction={polygon_fraction!r} must be in [0, 1], e.g. 0.5 for VAE data")
+    _check_fractions(star_fraction, polygon_fraction)
     for index in range(num_images):
         rng = np.random.default_rng([seed, index])
         if polygon_fraction > 0 and np.random.default_rng([seed, index, 2]).random() < polygon_fraction:
@@ -497,6 +505,22 @@ def iter_shapes_samples(
         )
         scene = sample_scene(rng, star_only=star)
         yield render_scene(scene, size), caption_scene(scene, rng, drop_prob), scene
+
+
+def _check_fractions(star_fraction: float, polygon_fraction: float) -> None:
+    if not 0.0 <= star_fraction <= 1.0:
+        raise ValueError(
+            f"star_fraction={star_fraction!r} must be in [0, 1] (--star-fraction), e.g. 0.5 for half star scenes"
+        )
+    if not 0.0 <= polygon_fraction <= 1.0:
+        raise ValueError(
+            f"polygon_fraction={polygon_fraction!r} must be in [0, 1] (--polygon-fraction), e.g. 0.5 for VAE data"
+        )
+
+
+METADATA_NAME = "metadata.jsonl"
+_WORK_PREFIX = ".make-dataset-"  # the temporary folder a run writes into (a killed run can leave one behind)
+_IMAGE_NAME = re.compile(r"images/\d{6,}\.png")  # the file names write_shapes_dataset gives images
 
 
 def write_shapes_dataset(
@@ -514,37 +538,28 @@ def write_shapes_dataset(
     `file_name` and `text`, readable by `datasets.load_dataset("imagefolder", data_dir=out_dir)`. star_only,
     star_fraction and polygon_fraction (autoencoder data): as `iter_shapes_samples`.
 
-    A non-empty out_dir is refused unless overwrite is set; overwrite replaces only what this function writes
-    (`images/` and `metadata.jsonl`). Returns the folder.
+    Every argument is checked before anything is written, and the dataset is written into a temporary folder inside
+    out_dir and swapped in at the end, so a failed or interrupted run leaves out_dir as it was. A non-empty out_dir
+    is refused unless overwrite is set; overwrite replaces only a dataset this function wrote (`metadata.jsonl` and
+    the `images/NNNNNN.png` it lists), refuses, naming them, when `images/` or `metadata.jsonl` hold anything else,
+    and leaves other files in out_dir alone. Returns the folder.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir={str(out)!r} exists and is not a folder; choose a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"out_dir={str(out)!r} is not empty; pass --overwrite (overwrite=True) to replace the dataset "
-                "there, or choose an empty folder"
-            )
-        shutil.rmtree(out / "images", ignore_errors=True)
-        (out / "metadata.jsonl").unlink(missing_ok=True)
-        if any(out.iterdir()):
-            logger.warning("%s holds other files besides the dataset; they were left in place", out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    digits = max(6, len(str(max(num_images - 1, 0))))
-    rows = []
-    samples = iter_shapes_samples(
-        num_images, size, seed, star_only, star_fraction=star_fraction, polygon_fraction=polygon_fraction
-    )
-    for index, (image, caption, _) in enumerate(
-        tqdm(samples, total=num_images, desc="shapes dataset", unit="img", disable=not progress)
-    ):
-        file_name = f"images/{index:0{digits}d}.png"
-        image.save(out / file_name)
-        rows.append(json.dumps({"file_name": file_name, "text": caption}))
-    partial = out / "metadata.jsonl.partial"
-    partial.write_text("\n".join(rows) + "\n" if rows else "")
-    partial.replace(out / "metadata.jsonl")
+    _check_dataset_arguments(num_images, size, seed, star_fraction, polygon_fraction)
+    _check_replaceable(out, overwrite)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=out))
+    try:
+        _write_samples(work, num_images, size, seed, star_only, progress, star_fraction, polygon_fraction)
+        if (out / "images").exists():
+            (out / "images").rename(work / "replaced-images")  # removed with `work`
+        (work / "images").rename(out / "images")
+        (work / METADATA_NAME).replace(out / METADATA_NAME)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
     logger.info(
         "wrote %d shapes images of %d px (seed %d, star_only=%s) to %s",
         num_images,
@@ -554,3 +569,99 @@ def write_shapes_dataset(
         out,
     )
     return out
+
+
+def _check_dataset_arguments(
+    num_images: int, size: int, seed: int, star_fraction: float, polygon_fraction: float
+) -> None:
+    """The arguments of write_shapes_dataset, each named with its CLI flag."""
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images={num_images!r} must be an int >= 1 (--num-images)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"size={size!r} must be an int >= {MIN_SIZE} (--size), e.g. 64")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an int >= 0 (--seed)")
+    _check_fractions(star_fraction, polygon_fraction)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse an out_dir that is a file, or non-empty without overwrite, or holding what this function did not
+    write; remove the temporary folders of killed runs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r} exists and is not a folder; choose a folder path")
+    if not out.is_dir():
+        return
+    for stale in out.glob(_WORK_PREFIX + "*"):
+        logger.info("removing %s, left by an interrupted make-dataset run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"out_dir={str(out)!r} is not empty; pass --overwrite (overwrite=True) to replace the dataset "
+            "there, or choose an empty folder"
+        )
+    written = _dataset_files(out)
+    images = out / "images"
+    foreign = (
+        [p for p in sorted(images.rglob("*")) if p.is_file() and p not in written] if images.is_dir() else []
+    )
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:5])
+        raise FileExistsError(
+            f"--overwrite replaces only a dataset make-dataset wrote, but {str(images)!r} also holds {len(foreign)} "
+            f"other file(s) ({names}{', ...' if len(foreign) > 5 else ''}); move them elsewhere or choose another "
+            "folder. Nothing was changed."
+        )
+    others = [p.name for p in out.iterdir() if p.name not in ("images", METADATA_NAME)]
+    if others:
+        logger.warning(
+            "%s holds other files besides the dataset (%s); they are left in place", out, others[:5]
+        )
+
+
+def _dataset_files(out: Path) -> set[Path]:
+    """The images listed in out/metadata.jsonl under the names this function gives them; FileExistsError when the
+    file is not one this function wrote."""
+    metadata = out / METADATA_NAME
+    if not metadata.exists():
+        return set()
+    files = set()
+    for line_number, line in enumerate(metadata.read_text(errors="replace").splitlines(), start=1):
+        try:
+            file_name = json.loads(line)["file_name"]
+        except (ValueError, KeyError, TypeError):
+            file_name = None
+        if not isinstance(file_name, str) or not _IMAGE_NAME.fullmatch(file_name):
+            raise FileExistsError(
+                f"--overwrite replaces only a dataset make-dataset wrote, but {str(metadata)!r} line {line_number} "
+                "is not one it writes; move the file elsewhere or choose another folder. Nothing was changed."
+            )
+        files.add(out / file_name)
+    return files
+
+
+def _write_samples(
+    work: Path,
+    num_images: int,
+    size: int,
+    seed: int,
+    star_only: bool,
+    progress: bool,
+    star_fraction: float,
+    polygon_fraction: float,
+) -> None:
+    """`images/` and `metadata.jsonl` of the dataset, written into `work`."""
+    (work / "images").mkdir()
+    digits = max(6, len(str(num_images - 1)))
+    rows = []
+    samples = iter_shapes_samples(
+        num_images, size, seed, star_only, star_fraction=star_fraction, polygon_fraction=polygon_fraction
+    )
+    for index, (image, caption, _) in enumerate(
+        tqdm(samples, total=num_images, desc="shapes dataset", unit="img", disable=not progress)
+    ):
+        file_name = f"images/{index:0{digits}d}.png"
+        image.save(work / file_name)
+        rows.append(json.dumps({"file_name": file_name, "text": caption}))
+    (work / METADATA_NAME).write_text("\n".join(rows) + "\n")

@@ -10,6 +10,7 @@ with `CLIPTokenizer.from_pretrained(folder)` like any CLIP tokenizer and is save
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -75,3 +76,26 @@ def build_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_len
     merges = "\n".join(f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1]))
     (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
     return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+# A byte-level BPE vocabulary this small is a word list (build_word_tokenizer: 514 byte tokens, 2 special tokens and
+# one token per merge; the embedded default has 610), not a general-purpose one (CLIP's has 49,408 tokens).
+CLOSED_VOCABULARY_MAX_TOKENS = 4096
+
+
+def closed_vocabulary(tokenizer) -> frozenset[str] | None:
+    """The words a word-level tokenizer (`build_word_tokenizer`'s) holds whole, or None for an open vocabulary.
+
+    In a closed vocabulary a word outside the list still tokenizes, as letter pieces the text encoder never saw in
+    training, so the model cannot follow it; in an open one (CLIP's) any word is made of trained pieces.
+    """
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > CLOSED_VOCABULARY_MAX_TOKENS:
+        return None
+    return frozenset(token.removesuffix("</w>") for token in vocab if token.endswith("</w>"))
+
+
+def unknown_words(text: str, vocabulary: frozenset[str]) -> list[str]:
+    """The words of `text` (lower-cased, split at anything not a letter or digit) not in `vocabulary`, in order."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    return list(dict.fromkeys(w for w in words if w not in vocabulary))

@@ -8,24 +8,31 @@ Steps (shared/SHAPES.md, "ShapesBench"), for an RGB image p of side S:
 | colour     | each pixel is read as a mix p ≈ b + α·(c − b) of b and one palette colour c ≠ b: c is the   |
 |            | colour whose mixing line passes nearest p, α = clip((p − b)·(c − b) / ‖c − b‖², 0, 1); the  |
 |            | pixel belongs to c when α ≥ ½ (an anti-aliased edge pixel goes to the side it mostly is)    |
-| regions    | 8-connected components of same-colour pixels; a region whose Σα is below                    |
-|            | MIN_AREA_FRACTION·S² is noise and dropped                                                  |
+| regions    | 8-connected components of same-colour pixels with α ≥ TOUCH_ALPHA, kept where α ≥ ½ (the    |
+|            | core): two same-colour objects joined by a faint bridge are one region, as a person sees    |
+|            | them; a region whose core Σα is below MIN_AREA_FRACTION·S² is noise and dropped             |
 | geometry   | soft area A = Σα over the region and its one-pixel fringe; centroid = the α-weighted mean   |
-| shape      | each shape's template (SHAPE_GEOMETRY: fill f = area / box area, centroid offset) is drawn |
-|            | with box side d = √(A / f) on the region's centroid; the shape whose template differs least |
-|            | from the region's α (Σ|α − template| / A) is read: fill ratio, corners, symmetry at once    |
+| fit        | each shape's template (SHAPE_GEOMETRY: fill f = area / box area, centroid offset) is drawn |
+|            | with box side d = √(A / f) on the region's centroid (position and size fitted, so only the |
+|            | shape is left to compare); its fit is the soft IoU Σ min(α, t) / Σ max(α, t)               |
+| shape      | the shape of the best fit, if that fit is ≥ MIN_SHAPE_IOU and, for the convex shapes        |
+|            | (circle, square, triangle), the region's convexity (soft area over the area of the convex   |
+|            | hull of its α = ½ edge) is ≥ MIN_CONVEXITY; else IRREGULAR: a square with pinched sides or  |
+|            | a triangle with concave sides is not read as one                                            |
 | size       | `large` when the fitted box side d ≥ 0.25·S, else `small` (boxes are 0.30·S and 0.20·S)    |
 | position   | the 3×3 cell holding the α-weighted centroid                                               |
 
 Regions whose colour is a background colour (e.g. a black blob on white) are reported as objects too, with that
-colour, so that they count as extra objects against a prompt. Pure numpy, plus PIL to draw the templates: about
-2.5 ms of CPU per 64×64 image.
+colour, so that they count as extra objects against a prompt. A region's fits are kept (DetectedObject.fits): the fit
+of the shape a prompt asks for is ShapesBench's shape fidelity. Pure numpy, plus PIL to draw the templates: about
+2.5 ms of CPU per 64×64 image (templates at 16× supersampling, so that a rendered shape fits its own template to
+about 0.99 rather than 0.96).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -41,6 +48,11 @@ from latentdiff.data.shapes import (
 
 MIN_AREA_FRACTION = 0.003  # regions smaller than this fraction of the canvas are noise
 LARGE_THRESHOLD = 0.25  # bounding-box side (fraction of S) between small (0.20) and large (0.30)
+TOUCH_ALPHA = 0.25  # same-colour pixels this strong join regions: objects that touch are one region
+MIN_SHAPE_IOU = 0.85  # a region no template fits this well is IRREGULAR (rendered ≥ 0.89 at 32 px)
+IRREGULAR = "irregular"  # the shape read for a region that fits no template
+MIN_CONVEXITY = 0.90  # circles, squares, triangles are convex: rendered ≥ 0.98, through the VAE ≥ 0.97
+TEMPLATE_SUPERSAMPLE = 16  # templates are drawn at 16× (edges within 1/32 px), scenes at 4×
 
 _PALETTE_NAMES = (*OBJECT_COLORS, *BACKGROUND_COLORS)
 _PALETTE = np.array([*OBJECT_COLORS.values(), *BACKGROUND_COLORS.values()], dtype=np.float32)  # (K, 3)
@@ -54,7 +66,8 @@ class DetectedObject:
     """One region the detector read. color is an object colour, or a background colour for a stray blob.
 
     bbox: (x0, y0, x1, y1) in pixels of the pixels with α ≥ ½ (x1, y1 exclusive); centroid (x, y) in pixels;
-    area: soft area Σα in pixels; box_side: the side d in pixels of the fitted template's box.
+    area: soft area Σα in pixels; box_side: the side d in pixels of the best-fitting template's box; fits: shape ->
+    soft IoU in [0, 1] of the region with that shape's template fitted in position and size (the shape fidelity).
     """
 
     color: str
@@ -65,6 +78,7 @@ class DetectedObject:
     box_side: float
     bbox: tuple[int, int, int, int]
     centroid: tuple[float, float]
+    fits: dict[str, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -159,30 +173,90 @@ SHAPE_GEOMETRY: dict[str, tuple[float, float]] = {
 }
 
 
-def _read_shape(soft: np.ndarray, origin: tuple[int, int]) -> tuple[str, float, tuple[float, float]]:
-    """Fits each shape's template to a region's soft coverage and keeps the nearest.
+def _fit_templates(soft: np.ndarray) -> tuple[dict[str, float], dict[str, float], tuple[float, float]]:
+    """Fits each shape's template to a region's soft coverage by moments and measures the fit.
 
-    soft: (h, w) coverage α of one region in a window whose top-left pixel is origin (x, y) of the image. Each
-    template is placed by moments: its box side d = √(A / fill) from the soft area A, its centroid on the region's
-    α-weighted centroid. Returns (shape, box side d in pixels, centroid (x, y) in image pixels).
+    soft: (h, w) coverage α of one region. Each template's box side is d = √(A / fill) from the soft area A, and its
+    centroid sits on the region's α-weighted centroid. Returns (shape -> soft IoU Σ min(α, t) / Σ max(α, t),
+    shape -> d in pixels, centroid (x, y) in window pixels).
     """
     area = float(soft.sum())
     grid_y, grid_x = np.mgrid[0 : soft.shape[0], 0 : soft.shape[1]]
     cx = float((soft * (grid_x + 0.5)).sum() / area)
     cy = float((soft * (grid_y + 0.5)).sum() / area)
-    best = None
+    fits, sides = {}, {}
     for shape, (fill, centroid_y) in SHAPE_GEOMETRY.items():
         d = math.sqrt(area / fill)
         box = (cx - d / 2, cy - centroid_y * d - d / 2, cx + d / 2, cy - centroid_y * d + d / 2)
-        # pad the window so the template fits whole: the part it draws outside the region counts as error
+        # pad the window so the template fits whole: the part it draws outside the region counts against it
         pad = math.ceil(max(0.0, -box[0], -box[1], box[2] - soft.shape[1], box[3] - soft.shape[0])) + 1
         template = shape_coverage(
-            shape, tuple(v + pad for v in box), soft.shape[0] + 2 * pad, soft.shape[1] + 2 * pad
+            shape,
+            tuple(v + pad for v in box),
+            soft.shape[0] + 2 * pad,
+            soft.shape[1] + 2 * pad,
+            TEMPLATE_SUPERSAMPLE,
         )
-        error = float(np.abs(np.pad(soft, pad) - template).sum()) / area
-        if best is None or error < best[0]:
-            best = (error, shape, d)
-    return best[1], best[2], (cx + origin[0], cy + origin[1])
+        padded = np.pad(soft, pad)
+        fits[shape] = float(np.minimum(padded, template).sum() / np.maximum(padded, template).sum())
+        sides[shape] = d
+    return fits, sides, (cx, cy)
+
+
+def _edge_points(soft: np.ndarray) -> np.ndarray:
+    """Where α crosses ½ at the two ends of every row and every column of a region, by linear interpolation
+    between pixel centres (on an anti-aliased straight edge, α is linear across the edge and this is exact).
+    soft: (h, w) coverage. Returns (N, 2) points (x, y) in window pixels."""
+    points = []
+    for lines, transpose in ((soft, False), (soft.T, True)):
+        padded = np.pad(lines, ((0, 0), (1, 1)))  # α = 0 beyond the window
+        for index in np.nonzero((lines >= 0.5).any(1))[0]:
+            inside = np.nonzero(padded[index] >= 0.5)[0]
+            for i, outside in ((inside[0], inside[0] - 1), (inside[-1], inside[-1] + 1)):
+                a, b = padded[index, outside], padded[index, i]  # α outside (< ½) and inside (≥ ½)
+                along = outside + (0.5 - a) / (b - a) * (i - outside) - 0.5  # pixel centre of padded j: j − ½
+                points.append((index + 0.5, along) if transpose else (along, index + 0.5))
+    return np.array(points, dtype=np.float64)
+
+
+def _convex_hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of (N, 2) points (Andrew's monotone chain, then the shoelace formula)."""
+    ordered = sorted(set(map(tuple, points)))
+
+    def half(chain):
+        hull: list[tuple[float, float]] = []
+        for p in chain:
+            while (
+                len(hull) >= 2
+                and (
+                    (hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                    - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                )
+                <= 0
+            ):
+                hull.pop()
+            hull.append(p)
+        return hull[:-1]
+
+    hull = half(ordered) + half(ordered[::-1])
+    return _polygon_fill_and_centroid(hull)[0] if len(hull) >= 3 else 0.0
+
+
+def convexity(soft: np.ndarray) -> float:
+    """Soft area over the area of the convex hull of the region's edge: about 1 for a convex shape, less for a
+    square with pinched sides (sides bowed in by 5 % of the side: 0.87) or a triangle with concave sides.
+    soft: (h, w) coverage α of one region."""
+    hull = _convex_hull_area(_edge_points(soft))
+    return float(soft.sum() / hull) if hull > 0 else 0.0
+
+
+def _read_shape(fits: dict[str, float], region_convexity: float) -> str:
+    """The shape whose template fits best (fill ratio, corners and symmetry at once), or IRREGULAR when even the
+    best fit is below MIN_SHAPE_IOU, or when a convex shape is read for a region less convex than MIN_CONVEXITY."""
+    best = max(fits, key=fits.get)
+    if fits[best] < MIN_SHAPE_IOU or (best != STAR and region_convexity < MIN_CONVEXITY):
+        return IRREGULAR
+    return best
 
 
 def detect(image) -> Detection:
@@ -195,7 +269,9 @@ def detect(image) -> Detection:
     alpha = alpha.reshape(height, width, -1)
     colour = colour.reshape(height, width)
     own_alpha = np.take_along_axis(alpha, colour[..., None], axis=2)[..., 0]  # α of each pixel's own colour
-    components = connected_components(np.where(own_alpha >= 0.5, colour, -1))
+    # regions: components of pixels with α ≥ TOUCH_ALPHA (same-colour objects that touch join), cut to the core
+    joined = connected_components(np.where(own_alpha >= TOUCH_ALPHA, colour, -1))
+    components = np.where(own_alpha >= 0.5, joined, -1)
     side = math.sqrt(height * width)
     # noise first: regions whose own Σα is below MIN_AREA_FRACTION·S² are dropped before any geometry
     ids, inverse = np.unique(components, return_inverse=True)
@@ -207,18 +283,24 @@ def detect(image) -> Detection:
         ys, xs = np.nonzero(core)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         k = int(colour[ys[0], xs[0]])
-        # the region and its one-pixel fringe of the same colour, in a window one pixel wider than its box
-        wy0, wy1, wx0, wx1 = max(y0 - 1, 0), min(y1 + 1, height), max(x0 - 1, 0), min(x1 + 1, width)
+        # the region, its faint bridges and its one-pixel fringe of the same colour, in a window one pixel wider
+        # than the region's box (and its bridges')
+        bys, bxs = np.nonzero(joined == component)
+        y0w, y1w = min(y0, int(bys.min())), max(y1, int(bys.max()) + 1)
+        x0w, x1w = min(x0, int(bxs.min())), max(x1, int(bxs.max()) + 1)
+        wy0, wy1, wx0, wx1 = max(y0w - 1, 0), min(y1w + 1, height), max(x0w - 1, 0), min(x1w + 1, width)
         padded_core = np.pad(core[wy0:wy1, wx0:wx1], 1)
-        grown = np.zeros((wy1 - wy0, wx1 - wx0), dtype=bool)
+        grown = joined[wy0:wy1, wx0:wx1] == component
         for dy, dx in [(0, 0), *_NEIGHBOURS]:  # 3×3 dilation
             grown |= padded_core[
                 1 + dy : padded_core.shape[0] - 1 + dy, 1 + dx : padded_core.shape[1] - 1 + dx
             ]
         fringe = grown & (colour[wy0:wy1, wx0:wx1] == k)
         soft = np.where(fringe, alpha[wy0:wy1, wx0:wx1, k], 0.0).astype(np.float32)
-        area = float(soft.sum())
-        shape, d, (cx, cy) = _read_shape(soft, (wx0, wy0))
+        fits, sides, (cx, cy) = _fit_templates(soft)
+        cx, cy = cx + wx0, cy + wy0
+        shape = _read_shape(fits, convexity(soft))
+        d = sides[max(fits, key=fits.get)]
         cell = (min(int(3 * cy / height), 2), min(int(3 * cx / width), 2))
         objects.append(
             DetectedObject(
@@ -226,10 +308,11 @@ def detect(image) -> Detection:
                 shape=shape,
                 size="large" if d >= LARGE_THRESHOLD * side else "small",
                 position=_CELL_NAMES[cell],
-                area=area,
+                area=float(soft.sum()),
                 box_side=d,
                 bbox=(x0, y0, x1, y1),
                 centroid=(cx, cy),
+                fits=fits,
             )
         )
     objects.sort(key=lambda o: -o.area)

@@ -28,6 +28,7 @@ from torch import nn
 
 from latentdiff.lora.adapters import _TEXT_MODEL_PREFIX, LoraWeights, adapter_config, adapter_state_dict
 from latentdiff.model_card import CARD_NAME, lora_card
+from latentdiff.validation import check_safetensors_file
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, LoraWeights]:
     from safetensors import safe_open
 
     file = find_lora_file(path)
+    check_safetensors_file(file)
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}

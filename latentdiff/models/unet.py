@@ -450,6 +450,13 @@ class UNetEncoderMixin:
                 f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
                 f"(B, L, {c.cross_attention_dim}) (cross_attention_dim={c.cross_attention_dim})"
             )
+        if not torch.is_autocast_enabled(sample.device.type):  # under autocast the layers cast for themselves
+            for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+                if tensor.dtype != self.dtype:
+                    raise TypeError(
+                        f"{name} is {tensor.dtype} but the UNet's weights are {self.dtype}; pass "
+                        f"{name}.to({self.dtype}) (or cast the UNet with unet.to({tensor.dtype}))"
+                    )
         if encoder_hidden_states.shape[0] != batch:
             raise ValueError(
                 f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} "

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
+from latentdiff.validation import check_safetensors_file, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _read_config(path: str | Path, subfolder: str | None, example: str) -> tuple
             f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
             f"diffusers pipeline folder with subfolder='{example}')"
         )
-    return directory, json.loads(config_file.read_text())
+    return directory, read_json_file(config_file)
 
 
 def load_controlnet(
@@ -351,6 +352,17 @@ def load_weights(
             f"weights in {directory} do not match its config: {len(missing)} missing "
             f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
         )
+    expected = model.state_dict()
+    wrong = [
+        f"{n} {tuple(t.shape)} (config: {tuple(expected[n].shape)})"
+        for n, t in state.items()
+        if t.shape != expected[n].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"the weights in {directory} do not match its {CONFIG_NAME}: {len(wrong)} tensor(s) have another "
+            f"shape, e.g. {wrong[:2]}; the weights were saved from another config: use that config.json"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -365,9 +377,12 @@ def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> d
 
     single, index = named(WEIGHTS_NAME), named(WEIGHTS_NAME + ".index.json")
     if single.is_file():
+        check_safetensors_file(single)
         return load_file(str(single))
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            check_safetensors_file(directory / shard)
         return {name: t for shard in shards for name, t in load_file(str(directory / shard)).items()}
     for pickle_file in (named(n) for n in PICKLE_WEIGHTS_NAMES):
         if pickle_file.is_file():

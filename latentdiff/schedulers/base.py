@@ -1,4 +1,6 @@
-"""What DDPM and DDIM share: the config, the inference timesteps, x̂₀ / ε̂ from a model output, and config files.
+"""What every sampler shares: the config, the inference timesteps, x̂₀ / ε̂ from a model output, and config files.
+
+DDPM and DDIM use all of it; the σ-samplers (Euler, Heun, DPM-Solver++) add their own timesteps in sigmas.py.
 
 | code name                | symbol               | equation                                                              |
 |--------------------------|----------------------|-----------------------------------------------------------------------|
@@ -14,7 +16,9 @@ wrong for ``linspace`` spacing and for ``trailing`` spacing when n does not divi
 #11347). After the last timestep comes x₀, marked by the previous timestep −1.
 
 A scheduler is configured by a frozen dataclass whose field names are diffusers' keyword names, and is saved as
-``scheduler_config.json`` in diffusers' format, so diffusers' schedulers and these load each other's files.
+``scheduler_config.json`` in diffusers' format, so diffusers' schedulers and these load each other's files. The
+config is also a read-only dict (as diffusers' ``FrozenDict``), so ``config["prediction_type"]`` works and
+``diffusers.SomeScheduler.from_config(ours.config)`` accepts it.
 """
 
 from __future__ import annotations
@@ -52,9 +56,49 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}.")
 
 
+class FrozenConfig(dict):
+    """A frozen dataclass that is also a read-only dict of its fields, as diffusers' ``FrozenDict`` config is.
+
+    ``config.prediction_type`` and ``config["prediction_type"]`` both read a value, and diffusers'
+    ``SomeScheduler.from_config(config)`` (which asks for a dict) accepts it. Subclasses are frozen dataclasses; they
+    check and normalise their values in :meth:`validate`, after which the dict is filled once.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+        dict.update(self, self.as_dict())
+
+    def validate(self) -> None:
+        """Check (and normalise with ``object.__setattr__``) the field values; subclasses extend it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            f"{type(self).__name__} is read-only; make a changed copy with "
+            "SchedulerClass.from_config(config, name=value) or dataclasses.replace(config, name=value)."
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __reduce__(
+        self,
+    ) -> tuple:  # copy and pickle rebuild through __init__ (dict's own way would write items)
+        return (_rebuild_config, (type(self), self.as_dict()))
+
+
+def _rebuild_config(config_class: type[FrozenConfig], values: dict[str, Any]) -> FrozenConfig:
+    return config_class(**values)
+
+
 @dataclass(frozen=True)
-class SchedulerConfig:
-    """Configuration shared by both samplers; field names and defaults are diffusers'."""
+class ScheduleConfig(FrozenConfig):
+    """What every sampler is configured by: the training noise schedule, the prediction type, the spacing.
+
+    Field names and defaults are diffusers'.
+    """
 
     num_train_timesteps: int = 1000  # T, the length of the training chain
     beta_start: float = 0.0001  # first β of the linear, scaled_linear and sigmoid schedules
@@ -62,16 +106,11 @@ class SchedulerConfig:
     beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
     trained_betas: tuple[float, ...] | None = None  # explicit β_t (length T), replaces the named schedule
     prediction_type: str = "epsilon"  # what the model predicts: epsilon (ε) | sample (x₀) | v_prediction (v)
-    clip_sample: bool = True  # clamp x̂₀ to [−clip_sample_range, clip_sample_range] (pixel-space models)
-    clip_sample_range: float = 1.0
-    thresholding: bool = False  # Imagen's dynamic thresholding of x̂₀ (replaces clip_sample when on)
-    dynamic_thresholding_ratio: float = 0.995  # quantile of |x̂₀| that sets the threshold s
-    sample_max_value: float = 1.0  # upper bound of s
     timestep_spacing: str = "leading"  # leading | trailing | linspace (Lin et al. 2024, Table 2)
     steps_offset: int = 0  # added to leading timesteps (Stable Diffusion uses 1)
     rescale_betas_zero_snr: bool = False  # make ᾱ_{T−1} = 0 (Lin et al. 2024, Algorithm 1)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         # normalise numpy / torch values so that the config compares, hashes and writes to JSON as plain data
         if self.trained_betas is not None:
             betas = tuple(float(b) for b in torch.as_tensor(self.trained_betas).flatten())
@@ -81,17 +120,27 @@ class SchedulerConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
                 raise ValueError(f"{name}={value!r} must be an integer >= {lowest}.")
             object.__setattr__(self, name, int(value))
-        for name in (
-            "beta_start",
-            "beta_end",
-            "clip_sample_range",
-            "dynamic_thresholding_ratio",
-            "sample_max_value",
-        ):
+        for name in ("beta_start", "beta_end"):
             object.__setattr__(self, name, float(getattr(self, name)))
         require_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         require_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         require_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(ScheduleConfig):
+    """DDPM's and DDIM's configuration: the schedule plus clipping or dynamic thresholding of x̂₀."""
+
+    clip_sample: bool = True  # clamp x̂₀ to [−clip_sample_range, clip_sample_range] (pixel-space models)
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # Imagen's dynamic thresholding of x̂₀ (replaces clip_sample when on)
+    dynamic_thresholding_ratio: float = 0.995  # quantile of |x̂₀| that sets the threshold s
+    sample_max_value: float = 1.0  # upper bound of s
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not 0 < self.dynamic_thresholding_ratio <= 1:
             raise ValueError(
                 f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio} must lie in (0, 1]."
@@ -126,6 +175,29 @@ def spaced_timesteps(
     return descending
 
 
+def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
+    """n as an int in [1, T], or a ValueError naming ``num_inference_steps``."""
+    try:
+        n = operator.index(num_inference_steps)
+    except TypeError:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer.") from None
+    if not 1 <= n <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={n} must lie in [1, num_train_timesteps={num_train_timesteps}]: the model was "
+            f"trained on {num_train_timesteps} noise levels and a sampler can visit each at most once."
+        )
+    return n
+
+
+def extract_timestep(timestep: int | float | Tensor) -> float:
+    """One timestep as a Python number (a tensor must hold exactly one value)."""
+    if isinstance(timestep, Tensor):
+        if timestep.numel() != 1:
+            raise ValueError(f"timestep must be one number; got a tensor of shape {tuple(timestep.shape)}.")
+        return timestep.item()
+    return timestep
+
+
 def dynamic_threshold(pred_original_sample: Tensor, ratio: float, max_value: float) -> Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022 §2.3) of x̂₀, shape (B, C, H, W).
 
@@ -153,13 +225,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """The interface both samplers implement (diffusers' own); subclasses add ``step``.
+    """The interface every sampler implements (diffusers' own); subclasses add ``step``.
 
     Constructor keywords are the fields of ``config_class`` (diffusers' names). The model is called by the caller's
-    loop; a scheduler never sees it.
+    loop; a scheduler never sees it. ``step(..., return_dict=False)`` returns the tuple (prev_sample,
+    pred_original_sample), as diffusers' schedulers do.
     """
 
-    config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
+    config_class: ClassVar[type[ScheduleConfig]] = SchedulerConfig
     order: ClassVar[int] = 1  # model evaluations per step (diffusers pipelines read this)
     init_noise_sigma: ClassVar[float] = 1.0  # x_T ~ N(0, I): the initial noise is not scaled
 
@@ -189,7 +262,23 @@ class Scheduler:
         self._step_index: dict[int, int] = {}  # timestep -> its position in self.timesteps
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
+        return f"{type(self).__name__}({self.config!r})"
+
+    @property
+    def compatibles(self) -> list[type[Scheduler]]:
+        """The sampler classes that load this one's config (``OtherClass.from_config(self.config)``): all of them."""
+        from latentdiff.schedulers.registry import SCHEDULER_CLASSES
+
+        return list(SCHEDULER_CLASSES.values())
+
+    @staticmethod
+    def _output(
+        prev_sample: Tensor, pred_original_sample: Tensor, return_dict: bool
+    ) -> SchedulerOutput | tuple[Tensor, Tensor]:
+        """What ``step`` returns: a SchedulerOutput, or with ``return_dict=False`` the tuple of its two fields."""
+        if return_dict:
+            return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return prev_sample, pred_original_sample
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -201,39 +290,63 @@ class Scheduler:
 
     # ----- timesteps -------------------------------------------------------------------------------------------
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose the n timesteps to sample with (``self.timesteps``, int64, descending, on ``device``)."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the timesteps to sample with (``self.timesteps``, int64, descending, on ``device``).
+
+        Args:
+            num_inference_steps: n, spaced by ``timestep_spacing``; or None when ``timesteps`` is given.
+            device: where ``self.timesteps`` lives (the model's device).
+            timesteps: custom timesteps instead of n (diffusers' DDPM keyword): distinct integers in [0, T),
+                descending, e.g. [999, 500, 100, 0]; each step goes to the next one, the last to x₀.
+        """
         T = self.config.num_train_timesteps
-        try:
-            n = operator.index(num_inference_steps)
-        except TypeError:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer.") from None
-        if not 1 <= n <= T:
-            raise ValueError(
-                f"num_inference_steps={n} must lie in [1, num_train_timesteps={T}]: the model was trained on "
-                f"{T} noise levels and a sampler can visit each at most once."
-            )
-        timesteps = spaced_timesteps(self.config.timestep_spacing, T, n, self.config.steps_offset)
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps and timesteps to set_timesteps.")
+        if timesteps is not None:
+            chosen = [int(t) for t in timesteps]
+            if (
+                not chosen
+                or any(not 0 <= t < T for t in chosen)
+                or chosen != sorted(set(chosen), reverse=True)
+            ):
+                raise ValueError(
+                    f"timesteps={chosen[:8]}{'...' if len(chosen) > 8 else ''} must be distinct integers in "
+                    f"[0, {T}) in descending order, e.g. [{T - 1}, {T // 2}, 0]."
+                )
+        else:
+            chosen = self._spaced_timesteps(check_num_inference_steps(num_inference_steps, T))
+        self.num_inference_steps = len(chosen)
+        self._use_timesteps(chosen, device)
+
+    def _spaced_timesteps(self, n: int) -> list[int]:
+        """:func:`spaced_timesteps` by this config, refusing a first timestep past the trained ones."""
+        T = self.config.num_train_timesteps
+        chosen = spaced_timesteps(self.config.timestep_spacing, T, n, self.config.steps_offset)
         # only leading spacing with a steps_offset can overshoot (diffusers issue #10003)
-        if timesteps[0] > T - 1:
+        if chosen[0] > T - 1:
             raise ValueError(
-                f"steps_offset={self.config.steps_offset} with num_inference_steps={n} puts the first timestep at "
-                f"{timesteps[0]}, past the last trained one ({T - 1}); use fewer steps or steps_offset=0."
+                f"steps_offset={self.config.steps_offset} with num_inference_steps={n} puts the first timestep "
+                f"at {chosen[0]}, past the last trained one ({T - 1}); use fewer steps or steps_offset=0."
             )
-        self.num_inference_steps = n
+        return chosen
+
+    def _use_timesteps(self, timesteps: list[int], device: str | torch.device | None = None) -> None:
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
         self._timestep_list = timesteps
         self._step_index = {t: i for i, t in enumerate(timesteps)}
 
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """τ_{i+1} for ``timestep`` = τ_i, read from ``self.timesteps``; −1 after the last one (x₀ comes next)."""
-        if self.num_inference_steps is None:
+        if not self._timestep_list:
             raise ValueError(
                 f"call {type(self).__name__}.set_timesteps(num_inference_steps) before stepping."
             )
-        if isinstance(timestep, Tensor) and timestep.numel() != 1:
-            raise ValueError(f"timestep must be one integer; got a tensor of shape {tuple(timestep.shape)}.")
-        t = int(timestep)
+        t = int(extract_timestep(timestep))
         if t not in self._step_index:
             shown = (
                 self._timestep_list if len(self._timestep_list) <= 8 else [*self._timestep_list[:8], "..."]
@@ -297,11 +410,18 @@ class Scheduler:
 
     @staticmethod
     def _noise_like(
-        sample: Tensor, generator: torch.Generator | None, variance_noise: Tensor | None
+        sample: Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        variance_noise: Tensor | None,
     ) -> Tensor:
-        """z ~ N(0, I) shaped like ``sample``: ``variance_noise`` if given, else drawn from ``generator``."""
+        """z ~ N(0, I) shaped like ``sample``: ``variance_noise`` if given, else drawn from ``generator`` (a list of
+        B generators draws sample i from generator i, as diffusers does)."""
         if variance_noise is not None:
             return variance_noise.to(device=sample.device, dtype=sample.dtype)
+        if isinstance(generator, list):
+            return torch.cat(
+                [Scheduler._noise_like(sample[i : i + 1], g, None) for i, g in enumerate(generator)]
+            )
         device = generator.device if generator is not None else sample.device  # draw where it lives
         noise = torch.randn(sample.shape, generator=generator, device=device, dtype=sample.dtype)
         return noise.to(sample.device)
@@ -329,12 +449,20 @@ class Scheduler:
             diffusers_version = "0.0.0"
         return {"_class_name": type(self).__name__, "_diffusers_version": diffusers_version, **values}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing); returns the file's path."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing); returns the file's path.
+
+        ``kwargs`` (diffusers' ``push_to_hub`` and the like) are not supported: a non-false one is an error.
+        """
+        used = sorted(name for name, value in kwargs.items() if value)
+        if used:
+            raise TypeError(f"save_pretrained does not support {used}; it writes the local file only.")
         path = Path(save_directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+    save_config = save_pretrained  # diffusers' ConfigMixin name for the same file
 
     @classmethod
     def from_config(
@@ -358,12 +486,15 @@ class Scheduler:
 
     @classmethod
     def from_pretrained(
-        cls: type[SchedulerT], pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None
+        cls: type[SchedulerT],
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **overrides: Any,
     ) -> SchedulerT:
         """Load ``scheduler_config.json`` from a folder (``<path>/<subfolder>/``), or from a Hub repository id.
 
-        A folder written by diffusers (DDPMScheduler, DDIMScheduler, PNDMScheduler, …) loads; see
-        :meth:`from_config` for keys this class does not use.
+        A folder written by diffusers (DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, …)
+        loads; see :meth:`from_config` for keys this class does not use and for ``overrides``.
         """
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():
@@ -376,4 +507,4 @@ class Scheduler:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(str(pretrained_model_name_or_path), CONFIG_NAME, subfolder=subfolder))
-        return cls.from_config(json.loads(path.read_text()))
+        return cls.from_config(json.loads(path.read_text()), **overrides)

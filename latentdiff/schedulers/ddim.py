@@ -60,7 +60,8 @@ class DDIMScheduler(Scheduler):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         variance_noise: Tensor | None = None,
-    ) -> SchedulerOutput:
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[Tensor, Tensor]:
         """One DDIM step x_t → x_{t'} (eq. 12, table above).
 
         Args:
@@ -71,6 +72,7 @@ class DDIMScheduler(Scheduler):
             eta: η >= 0 of eq. 16; 0 is deterministic, 1 has DDPM's posterior variance.
             generator: draws z when η > 0 and ``variance_noise`` is not given.
             variance_noise: z ~ N(0, I), shape of ``sample``, for reproducible sampling (used when η > 0).
+            return_dict: False returns the tuple (prev_sample, pred_original_sample).
 
         Returns:
             ``SchedulerOutput(prev_sample=x_{t'}, pred_original_sample=x̂₀)``, dtype and device of ``sample``.
@@ -99,7 +101,7 @@ class DDIMScheduler(Scheduler):
         if eta > 0:
             prev_sample = prev_sample + std_dev_t * self._noise_like(sample, generator, variance_noise)
 
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._output(prev_sample, pred_original_sample, return_dict)
 
     def invert_step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor) -> SchedulerOutput:
         """One deterministic step up the chain, x_{t'} → x_t: the η = 0 step of eq. 12 solved for x_t.

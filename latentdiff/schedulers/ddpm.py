@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,8 +41,8 @@ class DDPMSchedulerConfig(SchedulerConfig):
 
     variance_type: str = "fixed_small"  # σ_t² = β̃_t (fixed_small) or β_t (fixed_large), Ho et al. §3.2
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require_choice("variance_type", self.variance_type, VARIANCE_TYPES)
 
 
@@ -53,10 +54,18 @@ class DDPMScheduler(Scheduler):
         diffusers adds noise whenever t > 0, which with ``fixed_large`` and ``trailing`` spacing (last t = 99 for
         10 steps) or ``steps_offset=1`` puts σ = √β_t noise into the final sample;
       * ``fixed_large_log`` samples with σ_t² = β_t (diffusers takes the square root of log β_t, a NaN).
+
+    As in diffusers, ``set_timesteps(timesteps=[…])`` takes custom timesteps, and a scheduler on which
+    ``set_timesteps`` was never called steps over the whole training chain.
     """
 
     config_class = DDPMSchedulerConfig
     config: DDPMSchedulerConfig
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        # as diffusers: before set_timesteps, step walks the whole training chain T−1, …, 0
+        self._use_timesteps(list(range(self.config.num_train_timesteps - 1, -1, -1)))
 
     def step(
         self,
@@ -66,7 +75,8 @@ class DDPMScheduler(Scheduler):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         variance_noise: Tensor | None = None,
-    ) -> SchedulerOutput:
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[Tensor, Tensor]:
         """One ancestral step x_t → x_{t'} (table above).
 
         Args:
@@ -78,6 +88,7 @@ class DDPMScheduler(Scheduler):
                 ``eta`` is not used (it must still be >= 0).
             generator: draws z when ``variance_noise`` is not given.
             variance_noise: z ~ N(0, I), shape of ``sample``, for reproducible sampling; not used on the last step.
+            return_dict: False returns the tuple (prev_sample, pred_original_sample).
 
         Returns:
             ``SchedulerOutput(prev_sample=x_{t'}, pred_original_sample=x̂₀)``, dtype and device of ``sample``.
@@ -107,4 +118,4 @@ class DDPMScheduler(Scheduler):
             noise = self._noise_like(sample, generator, variance_noise)
             prev_sample = prev_sample + math.sqrt(variance) * noise
 
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._output(prev_sample, pred_original_sample, return_dict)

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -38,12 +38,16 @@ from train.randomness import BatchRandom
 
 logger = logging.getLogger(__name__)
 
+CLIP_FOLDER = "clip"  # the whole CLIPModel, inside --output_dir (text_encoder/ and tokenizer/ beside it)
+TOKENIZER_SOURCE_FOLDER = "tokenizer-source"  # the word tokenizer built from the captions
 WORD = re.compile(r"[a-z]+|[^\sa-z]")
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig(LoopConfig):
     """Every option of `train/train_clip.py`: the loop's flags plus CLIP's."""
+
+    EXPORTED: ClassVar[tuple[str, ...]] = (CLIP_FOLDER, "text_encoder", "tokenizer", TOKENIZER_SOURCE_FOLDER)
 
     clip_config: str | None = flag(
         None,
@@ -89,7 +93,7 @@ def build_tokenizer(cfg: ClipConfig, dataset):
         return CLIPTokenizer.from_pretrained(cfg.tokenizer_name_or_path, model_max_length=cfg.max_text_length)
     words = caption_words(dataset, cfg.caption_column) + list(cfg.tokenizer_extra_words or [])
     logger.info("built a word-level tokenizer of %d words from the captions", len(words))
-    return build_word_tokenizer(Path(cfg.output_dir) / "tokenizer-source", words, cfg.max_text_length)
+    return build_word_tokenizer(Path(cfg.output_dir) / TOKENIZER_SOURCE_FOLDER, words, cfg.max_text_length)
 
 
 def build_clip(cfg: ClipConfig, tokenizer) -> nn.Module:
@@ -177,7 +181,7 @@ class ClipTask:
         out = Path(self.cfg.output_dir)
         if self.accelerator.is_main_process:
             with trainer.averaged_weights() as clip:
-                clip.save_pretrained(out / "clip")
+                clip.save_pretrained(out / CLIP_FOLDER)
                 text_encoder = CLIPTextModel(clip.config.text_config)
                 text_encoder.load_state_dict(clip.text_model.state_dict())
                 text_encoder.save_pretrained(out / "text_encoder")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,7 @@ from torch import nn
 
 from latentdiff.lora import (
     ATTENTION_TARGETS,
+    LORA_CONFIG_NAME,
     LORA_WEIGHTS_NAME,
     TARGET_GROUPS,
     TEXT_ENCODER_TARGETS,
@@ -35,7 +37,7 @@ from latentdiff.lora import (
     check_targets,
     save_lora,
 )
-from latentdiff.model_card import lora_card
+from latentdiff.model_card import CARD_NAME, lora_card
 from train.loop import Trainer
 from train.loop_config import ConfigError, flag
 from train.randomness import derive_seed
@@ -49,6 +51,13 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoraConfig(T2IConfig):
     """Every option of `train/train_lora.py`: those of `train_t2i.py` plus the adapter's."""
+
+    EXPORTED: ClassVar[tuple[str, ...]] = (
+        LORA_WEIGHTS_NAME,
+        LORA_WEIGHTS_NAME + ".partial",  # save_lora's temporary file
+        LORA_CONFIG_NAME,
+        CARD_NAME,
+    )  # the adapter alone
 
     rank: int = flag(4, "LoRA rank r of every adapted layer (4 to 64 are usual).")
     lora_alpha: float | None = flag(

@@ -50,7 +50,7 @@ from latentdiff.images import image_grid
 from latentdiff.model_card import pipeline_card
 from train.loop import Trainer
 from train.randomness import BatchRandom, derive_seed
-from train.tasks.t2i_config import T2IConfig
+from train.tasks.t2i_config import LATENT_CACHE_FOLDER, T2IConfig
 from train.tasks.t2i_models import T2IModels, unet_and_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class TextToImageTask:
                     cfg.center_crop,
                     cfg.random_flip,
                 )
-                root = Path(cfg.latents_cache_dir or Path(cfg.output_dir) / "latent_cache")
+                root = Path(cfg.latents_cache_dir or Path(cfg.output_dir) / LATENT_CACHE_FOLDER)
                 self.cache = load_or_build_cache(
                     root,
                     key,

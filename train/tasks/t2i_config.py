@@ -4,16 +4,27 @@ objective and the validation images. `train_t2i.py --help` lists them all; `Lora
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from latentdiff.hub import SUBFOLDERS
+from latentdiff.model_card import CARD_NAME
 from latentdiff.schedulers.base import PREDICTION_TYPES
 from train.loop_config import ConfigError, LoopConfig, flag
 
+LATENT_CACHE_FOLDER = "latent_cache"  # --cache_latents' default place, inside --output_dir
 LATENT_SAMPLES = ("mean", "sample")  # what z0 is: the VAE posterior's mean, or a sample of it
 
 
 @dataclass(frozen=True)
 class T2IConfig(LoopConfig):
     """Every option of `train/train_t2i.py`. Read-only once built; `dataclasses.replace` makes a changed copy."""
+
+    EXPORTED: ClassVar[tuple[str, ...]] = (
+        *SUBFOLDERS,
+        "model_index.json",
+        CARD_NAME,
+    )  # the SD-layout pipeline
+    CACHES: ClassVar[tuple[str, ...]] = (LATENT_CACHE_FOLDER,)
 
     # ---- model ---------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = flag(

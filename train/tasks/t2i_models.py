@@ -82,20 +82,31 @@ def resolve_model_files(cfg: T2IConfig) -> ModelFiles:
     """Find every part (downloading hub ids: configs, tokenizer files and safetensors weights), read the configs
     once, and check that the parts fit together and divide --resolution; ConfigError otherwise."""
 
-    def folder(path_or_id: str) -> Path:
-        return local_folder(path_or_id, cfg.cache_dir, cfg.revision, cfg.variant)
+    def folder(flag: str) -> Path | None:
+        path_or_id = getattr(cfg, flag)
+        if path_or_id is None:
+            return None
+        looks_local = (
+            Path(path_or_id).is_absolute() or path_or_id.startswith(".") or path_or_id.count("/") > 1
+        )
+        if looks_local and not Path(path_or_id).is_dir():
+            raise ConfigError(
+                f"--{flag}={path_or_id!r}: no such folder. Pass the path of a Stable Diffusion folder in the "
+                "diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or a hub id."
+            )
+        try:
+            return local_folder(path_or_id, cfg.cache_dir, cfg.revision, cfg.variant)
+        except Exception as error:  # noqa: BLE001 - no such folder, and the hub could not provide it
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"--{flag}={path_or_id!r} is not a local folder, and the hub could not provide it ({reason}). Pass "
+                "the path of a Stable Diffusion folder in the diffusers layout, or a hub id with network access "
+                "(or already in --cache_dir)."
+            ) from error
 
-    model_folder = folder(cfg.pretrained_model_name_or_path) if cfg.pretrained_model_name_or_path else None
-    vae_root = (
-        folder(cfg.pretrained_vae_model_name_or_path)
-        if cfg.pretrained_vae_model_name_or_path
-        else model_folder
-    )
-    text_root = (
-        folder(cfg.pretrained_text_encoder_name_or_path)
-        if cfg.pretrained_text_encoder_name_or_path
-        else model_folder
-    )
+    model_folder = folder("pretrained_model_name_or_path")
+    vae_root = folder("pretrained_vae_model_name_or_path") or model_folder
+    text_root = folder("pretrained_text_encoder_name_or_path") or model_folder
     vae_part, text_part = _part(vae_root, "vae"), _part(text_root, "text_encoder")
     if cfg.unet_config is not None:
         unet = unet_config_from_file(cfg.unet_config)

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,12 +47,16 @@ from train.randomness import BatchRandom
 logger = logging.getLogger(__name__)
 
 LATENT_SAMPLES = ("mean", "sample")  # what the decoder reads: the posterior's mean μ, or μ + σ·ε
+VAE_FOLDER = "vae"  # the export, inside --output_dir
 SCALING_SAMPLES = 512  # training images whose posterior means set scaling_factor
 
 
 @dataclasses.dataclass(frozen=True)
 class VaeConfig(LoopConfig):
     """Every option of `train/train_vae.py`: the loop's flags plus the VAE's."""
+
+    EXPORTED: ClassVar[tuple[str, ...]] = (VAE_FOLDER,)
+    USES_CAPTIONS: ClassVar[bool] = False  # images only
 
     vae_config: str | None = flag(
         None,
@@ -237,7 +241,7 @@ class VaeTask:
     def export(self, trainer: Trainer) -> Path:
         """Save the VAE (EMA weights if enabled) as a diffusers AutoencoderKL folder in --output_dir/vae, with its
         measured scaling_factor (the pretrained one with --train_decoder_only)."""
-        out = Path(self.cfg.output_dir) / "vae"
+        out = Path(self.cfg.output_dir) / VAE_FOLDER
         if self.accelerator.is_main_process:
             with trainer.averaged_weights() as vae:
                 vae.eval()
