@@ -1,12 +1,12 @@
 """The ControlNet demonstration: layouts placing the embedded default's objects where text cannot say.
 
-    python benchmarks/controlnet_layouts.py outputs/controlnet-layout [--count 96] [--figure docs/controlnet_layouts.png]
+    python benchmarks/controlnet_layouts.py outputs/controlnet-layout [--count 96] [--guidance G] [--figure PATH]
 
 Test layouts are drawn from seed 1000 (training used seed 0), a third each with 1, 2 and 3 objects, anywhere on the
 canvas. Each is generated twice with the same noise: by the default with the ControlNet (caption + silhouettes) and
 by the default alone (caption only: the text says colours and shapes, not places). Both are scored against the
 layout by `latentdiff.eval.layouts`; with the ControlNet's scale at 0 the images must equal the base's bit for bit.
-DDIM, 25 steps, guidance 5: the default's recommended sampling.
+Sampling: the default's carried settings (DDIM, 25 steps, its recommended guidance) unless --guidance says.
 """
 
 from __future__ import annotations
@@ -23,22 +23,21 @@ from latentdiff.data.layouts import Layout, layout_caption, layout_condition, sa
 from latentdiff.eval.layouts import score_layout, summarise
 from pipelines import ControlNetPipeline, LatentPipeline
 
-STEPS, GUIDANCE, TEST_SEED, BATCH = 25, 5.0, 1000, 16
+TEST_SEED, BATCH = 1000, 16
 
 
 def test_layouts(count: int) -> list[Layout]:
     return [sample_layout(np.random.default_rng([TEST_SEED, i]), num_objects=1 + i % 3) for i in range(count)]
 
 
-def generate(pipe, layouts: list[Layout], scale: float | None) -> list[Image.Image]:
+def generate(pipe, layouts: list[Layout], scale: float | None, guidance: float) -> list[Image.Image]:
     """One image per layout, seed i for layout i; scale None: the base pipeline (caption only)."""
     images = []
     for start in range(0, len(layouts), BATCH):
         part = layouts[start : start + BATCH]
         arguments = dict(
             prompt=[layout_caption(layout) for layout in part],
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
+            guidance_scale=guidance,
             generator=[torch.Generator().manual_seed(start + i) for i in range(len(part))],
         )
         if scale is not None:
@@ -50,16 +49,15 @@ def generate(pipe, layouts: list[Layout], scale: float | None) -> list[Image.Ima
 
 
 def table(rows: dict[str, list[dict]]) -> str:
+    columns = ("position", "color", "shape", "size", "object")
     lines = [
-        "| objects | layouts | position accuracy | object accuracy | full match |",
-        "|---|---|---|---|---|",
+        "| objects | layouts | " + " | ".join(f"{c} accuracy" for c in columns) + " | full match |",
+        "|---" * (len(columns) + 3) + "|",
     ]
     for name, results in rows.items():
         s = summarise(results)
-        lines.append(
-            f"| {name} | {s['layouts']} | {s['position_accuracy']:.3f} | {s['object_accuracy']:.3f} | "
-            f"{s['full_match']:.3f} |"
-        )
+        values = " | ".join(f"{s[f'{c}_accuracy']:.3f}" for c in columns)
+        lines.append(f"| {name} | {s['layouts']} | {values} | {s['full_match']:.3f} |")
     return "\n".join(lines)
 
 
@@ -86,25 +84,27 @@ def main() -> None:
     )
     parser.add_argument("controlnet", help="the trained ControlNet folder")
     parser.add_argument("--count", type=int, default=96)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's recommended")
     parser.add_argument("--figure", default=None, help="where to save the README figure")
     args = parser.parse_args()
     layouts = test_layouts(args.count)
     base = LatentPipeline()
+    parts = (base.unet, base.scheduler, base.vae, base.text_encoder, base.tokenizer)
     controlled = ControlNetPipeline(
-        base.unet, base.scheduler, base.vae, base.text_encoder, base.tokenizer, controlnet=args.controlnet
+        *parts, controlnet=args.controlnet, sampling_settings=base.sampling_settings
     )
     for pipe in (base, controlled):
         pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    with_control = generate(controlled, layouts, 1.0)
-    caption_only = generate(base, layouts, None)
-    switched_off = generate(controlled, layouts[:BATCH], 0.0)
+    steps, guidance = base.resolve_sampling(None, args.guidance)
+    with_control = generate(controlled, layouts, 1.0, guidance)
+    caption_only = generate(base, layouts, None, guidance)
+    switched_off = generate(controlled, layouts[:BATCH], 0.0, guidance)
     identical = all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(switched_off, caption_only[:BATCH])
     )
-    print(
-        f"{args.count} layouts, DDIM {STEPS} steps, guidance {GUIDANCE}, {time.perf_counter() - started:.0f} s"
-    )
+    sampler, seconds = type(base.scheduler).__name__, time.perf_counter() - started
+    print(f"{args.count} layouts, {sampler} {steps} steps, guidance {guidance}, {seconds:.0f} s")
     print("\nwith the ControlNet (caption + layout):\n" + table(by_count(layouts, with_control)))
     print("\nthe default alone (caption only):\n" + table(by_count(layouts, caption_only)))
     print(f"\nControlNet at scale 0 gives the default's images bit for bit ({BATCH} layouts): {identical}")

@@ -5,7 +5,7 @@ centroid is compared with a triangle's centroid). Each layout object is matched 
 assignment with the smallest total centroid distance); it is
 
 - placed right when the matched centroid lies within POSITION_TOLERANCE · S of the layout's;
-- fully right when, in addition, its colour, shape and size are the layout's.
+- fully right when, in addition, its colour, shape and size are the layout's (each also counted alone).
 
 A layout is a full match when every object is fully right, the background is right and no extra object is found.
 """
@@ -53,9 +53,14 @@ def score_layout(image, layout: Layout) -> dict[str, float | int | bool]:
         for p, s, f in zip(placed, stated, best)
     ]
     full = all(right) and found.background == layout.background and len(found.objects) == len(stated)
+    attribute = {
+        name: sum(f is not None and getattr(f, name) == getattr(s, name) for s, f in zip(stated, best))
+        for name in ("color", "shape", "size")
+    }
     return {
         "objects": len(stated),
         "placed": sum(placed),
+        **attribute,
         "right": sum(right),
         "full_match": full,
         "detector_ok": detector_ok,
@@ -70,6 +75,9 @@ def summarise(results: Sequence[dict]) -> dict[str, float | int]:
         "objects": objects,
         "position_accuracy": sum(r["placed"] for r in results) / objects,
         "object_accuracy": sum(r["right"] for r in results) / objects,
+        **{
+            f"{name}_accuracy": sum(r[name] for r in results) / objects for name in ("color", "shape", "size")
+        },
         "full_match": sum(r["full_match"] for r in results) / len(results),
         "detector_ok": sum(r["detector_ok"] for r in results) / len(results),
     }
