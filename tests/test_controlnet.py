@@ -339,7 +339,18 @@ def test_generate_cli_with_a_control_image_writes_the_pipelines_image(
         assert written.text["controlnet"] == str(controlnet_dirs[0])
         np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
     assert (
-        main(["generate", PROMPTS[0], "-o", str(out), *flags, "--control", str(tmp_path / "layout.png")]) == 2
+        main(
+            [
+                "generate",
+                PROMPTS[0],
+                "-o",
+                str(tmp_path / "other.png"),
+                *flags,
+                "--control",
+                str(tmp_path / "layout.png"),
+            ]
+        )
+        == 2
     )
     assert "go together" in capsys.readouterr().err
 
