@@ -21,11 +21,13 @@ _EXPORTS = {
     "DPMSolverMultistepScheduler": "latentdiff.schedulers",
     "ConditionalUNet": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",
+    "ControlNetModel": "latentdiff.models.controlnet",
     # The pipeline lives in the top-level `pipelines` package (it imports latentdiff, never the reverse at import
     # time); it is re-exported here lazily for `from latentdiff import LatentPipeline`.
     "LatentPipeline": "pipelines.latent_pipeline",
     "LatentImg2ImgPipeline": "pipelines.img2img_pipeline",
     "LatentInpaintPipeline": "pipelines.inpaint_pipeline",
+    "ControlNetPipeline": "pipelines.controlnet",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -62,10 +62,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from latentdiff.generate import generate
 
     settings = _sampling_settings(args)
-    classifier = dict(
-        classifier=args.classifier, class_labels=args.class_labels, classifier_scale=args.classifier_scale
+    guides = dict(  # generate's own flags: classifier guidance and ControlNet
+        classifier=args.classifier,
+        class_labels=args.class_labels,
+        classifier_scale=args.classifier_scale,
+        control=args.control,
+        controlnet=args.controlnet,
+        control_scale=args.control_scale,
     )
-    for path in generate(args.prompt, height=args.height, width=args.width, **classifier, **settings):
+    for path in generate(args.prompt, height=args.height, width=args.width, **guides, **settings):
         print(f"saved {path} (seed {settings['seed']})")
     return 0
 
@@ -279,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--classifier-scale", type=validation.finite_float, default=5.0, help="classifier guidance scale s"
     )
+    gen.add_argument("--control", default=None, metavar="IMAGE", help="ControlNet condition image")
+    gen.add_argument("--controlnet", default=None, metavar="PATH", help="ControlNet folder for --control")
+    gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight (0: off)")
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

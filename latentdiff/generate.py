@@ -44,6 +44,9 @@ def generate(
     classifier: str | Path | None = None,
     class_labels: str | None = None,
     classifier_scale: float = 5.0,
+    control: str | Path | None = None,
+    controlnet: str | Path | None = None,
+    control_scale: float = 1.0,
 ) -> list[Path]:
     """Generate images for one prompt and save them as PNG.
 
@@ -72,6 +75,8 @@ def generate(
             its own layout classifier (latentdiff/assets/classifier). A stochastic sampler (ddpm) follows it best.
         class_labels: the target, as `read_class_labels` reads it: a shapes layout ("a red circle in the top left")
             for a layout classifier, or "name=index" pairs ("color=2 shape=0").
+        control, controlnet: a condition image file and the ControlNet folder it is for (both or neither); the
+            image size defaults to the condition's. control_scale: the ControlNet's weight (0: off).
 
     Returns:
         The paths written.
@@ -84,6 +89,13 @@ def generate(
     _check_arguments(paths, steps, num_images, sampler, karras, eta, guidance, overwrite)
     seed = validation.check_seed(seed, num_images)
     _check_model(model, height, width, loras)
+    if (control is None) != (controlnet is None):
+        raise ValueError(
+            "control (the condition image) and controlnet (the ControlNet folder) go together: pass both "
+            "(CLI: --control IMAGE --controlnet PATH) or neither."
+        )
+    if control is not None and not Path(control).is_file():
+        raise ValueError(f"control={str(control)!r} is not an image file.")
     if classifier is None and class_labels is not None and model is None:
         classifier = DEFAULT_CLASSIFIER_DIR  # the embedded default's own
     if (classifier is None) != (class_labels is None):
@@ -106,6 +118,15 @@ def generate(
     logger.info("generating %d image(s) for %r with seed %d", num_images, prompt, seed)
 
     pipe = load_pipeline(LatentPipeline, model, sampler, karras, loras, device, torch_dtype)
+    condition = {}
+    if controlnet is not None:
+        from latentdiff.data.dataset import read_image
+        from pipelines.controlnet import ControlNetPipeline
+
+        parts = (pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
+        pipe = ControlNetPipeline(*parts, controlnet=controlnet, sampling_settings=pipe.sampling_settings)
+        pipe.to(device=device, dtype=torch_dtype)
+        condition = {"image": read_image(control), "controlnet_conditioning_scale": control_scale}
     steps, guidance = pipe.resolve_sampling(steps, guidance)
 
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
@@ -120,6 +141,7 @@ def generate(
         generator=generators,
         eta=eta,
         **guidance_kwargs,
+        **condition,
     ).images
 
     settings = {
@@ -135,6 +157,8 @@ def generate(
         settings.update(
             classifier=str(classifier), class_labels=class_labels, classifier_scale=str(classifier_scale)
         )
+    if controlnet is not None:
+        settings.update(control=str(control), controlnet=str(controlnet), control_scale=str(control_scale))
     return save_images(images, paths, settings, seed, grid, overwrite)
 
 

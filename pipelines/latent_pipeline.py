@@ -384,8 +384,10 @@ class LatentPipeline(InversionMixin, LoraMixin):
         guidance_rescale: float = 0.0,
         extra_channels: torch.Tensor | None = None,
         guide: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        step: int = 0,
     ) -> torch.Tensor:
-        """The model output at z_t, classifier-free guided when the context holds both branches (table above).
+        """The model output at z_t (step `step` of the chain), classifier-free guided when the context holds both
+        branches (table above).
 
         latents: z_t (B, C, h, w); context: (B, L, D), or (2B, L, D) as [uncond, cond]; extra_channels: (B, C', h,
         w) appended to the scaled input along channels (an inpainting UNet's mask and masked-image latents);
@@ -398,7 +400,7 @@ class LatentPipeline(InversionMixin, LoraMixin):
         if extra_channels is not None:
             extra = torch.cat([extra_channels, extra_channels]) if do_guidance else extra_channels
             model_input = torch.cat([model_input, extra], dim=1)
-        model_output = self.unet(model_input, t, context)
+        model_output = self._unet_output(model_input, t, context, step)
         if do_guidance:
             model_output_uncond, model_output_cond = model_output.chunk(2)
             model_output = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
@@ -431,7 +433,7 @@ class LatentPipeline(InversionMixin, LoraMixin):
         with tqdm(total=len(timesteps), **self._progress_bar_config) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_output = self._guided_prediction(
-                    latents, t, context, guidance_scale, guidance_rescale, extra_channels, guide
+                    latents, t, context, guidance_scale, guidance_rescale, extra_channels, guide, i
                 )
                 if per_image_noise:  # per-image generators: draw the step's noise here, image by image
                     step_kwargs["variance_noise"] = randn(
@@ -451,6 +453,12 @@ class LatentPipeline(InversionMixin, LoraMixin):
             "the UNet's output overflowed or its weights hold NaN/inf: run in float32, or check the unet/ weights.",
         )
         return latents
+
+    def _unet_output(
+        self, model_input: torch.Tensor, t: torch.Tensor, context: torch.Tensor, i: int
+    ) -> torch.Tensor:
+        """The UNet's prediction at step i (a subclass adds its conditioning here: `ControlNetPipeline`)."""
+        return self.unet(model_input, t, context)
 
     def _class_labels(
         self,

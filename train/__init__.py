@@ -17,9 +17,10 @@ with `compute_loss`, `validate` and `export`:
     tasks/t2i_config.py, tasks/t2i_models.py, tasks/t2i.py   text-to-image (full fine-tune or from scratch)
     tasks/inpaint.py, tasks/inpaint_masks.py   `--inpainting`: an SD-inpainting UNet (2C+1 inputs), random masks
     tasks/lora.py   LoRA adapters on the text-to-image task
+    tasks/controlnet.py   a ControlNet on a frozen text-to-image model (condition images from a dataset column)
     tasks/vae.py    the autoencoder        tasks/clip.py   contrastive text-image pretraining
     tasks/classifier.py   the noise-aware layout classifier of classifier guidance
-The scripts: train_t2i.py, train_lora.py, train_vae.py, train_clip.py, train_classifier.py (each `main()` reads in
+The scripts: train_t2i.py, train_lora.py, train_vae.py, train_clip.py, train_classifier.py, train_controlnet.py (each `main()` reads in
 one screen), and export_default.py (ship a trained folder as the embedded default).
 
 Training needs the `[train]` extras (accelerate, datasets, pyyaml, tensorboard): `pip install -e ".[train]"`.

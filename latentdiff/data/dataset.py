@@ -262,29 +262,59 @@ class TextImageDataset(torch.utils.data.Dataset):
         skipped: list[int] = []
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
-            row = self.dataset[candidate]
             try:
-                image = read_image(row[self.image_column])
+                sample, _ = self._sample(self.dataset[candidate], epoch, candidate)
+                return {**sample, "skipped": skipped}
             except Exception as error:  # noqa: BLE001 - any decoding failure skips the image
                 logger.warning("skipping unreadable image at index %d: %s", candidate, error)
                 skipped.append(candidate)
-                continue
-            captions = captions_of(row[self.caption_column])
-            choices = SampleChoices.draw(self.seed, epoch, candidate, len(captions), self.random_flip)
-            return {
-                "pixel_values": self.transform(image, choices),
-                "caption": captions[choices.caption_index],
-                "index": candidate,
-                "skipped": skipped,
-            }
         raise RuntimeError(f"none of the {len(self)} images of the dataset could be read")
+
+    def _sample(self, row: dict[str, Any], epoch: int, index: int) -> tuple[dict[str, Any], SampleChoices]:
+        """One row's sample and its random choices; raises when its image cannot be decoded."""
+        image = read_image(row[self.image_column])
+        captions = captions_of(row[self.caption_column])
+        choices = SampleChoices.draw(self.seed, epoch, index, len(captions), self.random_flip)
+        sample = {
+            "pixel_values": self.transform(image, choices),
+            "caption": captions[choices.caption_index],
+            "index": index,
+        }
+        return sample, choices
+
+
+class ConditionedTextImageDataset(TextImageDataset):
+    """`TextImageDataset` whose items also hold a condition image (ControlNet training), cropped and flipped with
+    the image: "conditioning_pixel_values" (3, R, R) float32 in [0, 1]. A row whose condition cannot be read is
+    skipped like one whose image cannot.
+
+    Args: those of `TextImageDataset`, and `conditioning_column`, the column of the condition images.
+    """
+
+    def __init__(
+        self, dataset, image_column: str, caption_column: str, conditioning_column: str, *args
+    ) -> None:
+        super().__init__(dataset, image_column, caption_column, *args)
+        self.conditioning_column = conditioning_column
+
+    def _sample(self, row: dict[str, Any], epoch: int, index: int) -> tuple[dict[str, Any], SampleChoices]:
+        sample, choices = super()._sample(row, epoch, index)
+        condition = self.transform(read_image(row[self.conditioning_column]), choices)
+        sample["conditioning_pixel_values"] = (condition + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+        return sample, choices
 
 
 def collate_text_image(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples: pixel_values (B, 3, R, R), captions list[str], indices (B,), skipped list[int]."""
+    """Stack samples: pixel_values (B, 3, R, R), captions list[str], indices (B,), skipped list[int] (and
+    conditioning_pixel_values (B, 3, R, R) when the items have them)."""
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "captions": [item["caption"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),
         "skipped": [i for item in items for i in item["skipped"]],
+        **(
+            {"conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in items])}
+            if "conditioning_pixel_values" in items[0]
+            else {}
+        ),
     }

@@ -278,12 +278,24 @@ def shape_coverage(
 
 def render_scene(scene: Scene, size: int = 64) -> Image.Image:
     """Renders a scene as an anti-aliased RGB image of `size`×`size` pixels (size ≥ 32)."""
+    shapes = [(obj.shape, obj.bbox(), OBJECT_COLORS[obj.color]) for obj in scene.objects]
+    return render_shapes(BACKGROUND_COLORS[scene.background], shapes, size)
+
+
+def render_shapes(
+    background: tuple[int, int, int],
+    shapes: list[tuple[str, tuple[float, float, float, float], tuple[int, int, int]]],
+    size: int = 64,
+) -> Image.Image:
+    """An anti-aliased RGB image of `size`×`size` pixels (size ≥ 32): each (shape, bounding box (x0, y0, x1, y1) in
+    units of S, RGB fill) drawn in order over a flat background. `render_scene` and the layouts of
+    `latentdiff.data.layouts` draw through it."""
     if not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size={size!r} must be an int ≥ {MIN_SIZE}")
-    image = Image.new("RGB", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), BACKGROUND_COLORS[scene.background])
+    image = Image.new("RGB", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), background)
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        _draw_shape(draw, obj.shape, tuple(v * size for v in obj.bbox()), OBJECT_COLORS[obj.color])
+    for shape, box, fill in shapes:
+        _draw_shape(draw, shape, tuple(v * size for v in box), fill)
     return image.reduce(_SUPERSAMPLE)  # box filter: each pixel is the mean of a 4×4 block
 
 

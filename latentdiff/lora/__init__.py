@@ -28,6 +28,7 @@ from latentdiff.lora.adapters import (
     load_lora,
     lora_layers,
     remove_adapters,
+    scaled_adapters,
     set_active_adapters,
     unfuse_adapters,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "lora_layers",
     "read_lora_file",
     "remove_adapters",
+    "scaled_adapters",
     "save_lora",
     "set_active_adapters",
     "unfuse_adapters",

@@ -34,7 +34,8 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,6 +331,21 @@ def set_active_adapters(model: nn.Module, names: Sequence[str], weights: Sequenc
         _freeze(layer)
         for name, weight in zip(names, weights):
             layer.set_scale(name, float(weight))
+
+
+@contextmanager
+def scaled_adapters(model: nn.Module, scale: float) -> Iterator[None]:
+    """Every active adapter's update multiplied by `scale` inside the block, its weights exactly as before after
+    it (diffusers' `cross_attention_kwargs={"scale": s}`). Fused adapters are in the base weights: unchanged."""
+    layers = list(lora_layers(model).values())
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        layer.scale_layer(scale)
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, saved):
+            layer.scaling.update(scaling)
 
 
 def fuse_adapters(model: nn.Module) -> None:

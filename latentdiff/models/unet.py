@@ -25,6 +25,8 @@ import dataclasses
 import logging
 import math
 import numbers
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,6 +333,20 @@ class UNetConfig:
     def transformer_layers(self) -> tuple[int, ...]:
         return _per_level(self.transformer_layers_per_block, self.levels, "transformer_layers_per_block")
 
+    @property
+    def skip_channels(self) -> tuple[int, ...]:
+        """Channels of every skip h_i, in the order the way down makes them (conv_in's first); a ControlNet's
+        down-block residuals have these shapes."""
+        channels = [self.block_out_channels[0]]
+        for level, cout in enumerate(self.block_out_channels):
+            channels += [cout] * (self.layers[level] + (level < self.levels - 1))
+        return tuple(channels)
+
+    @property
+    def time_cond_proj_dim(self) -> None:
+        """diffusers' pipelines read `unet.config.time_cond_proj_dim` (LCM's guidance embedding): none here."""
+        return None
+
     # ---- diffusers' config.json (latentdiff.models.unet_diffusers) ----
     def to_diffusers(self) -> dict[str, Any]:
         """The `config.json` dict of the equivalent diffusers `UNet2DConditionModel`."""
@@ -347,114 +363,69 @@ class UNetConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The UNet
+# The encoder half (conv_in, time embedding, down blocks, middle): built and run once, shared by the UNet and
+# the ControlNet (latentdiff.models.controlnet), whose trainable copy of it keeps the same parameter names.
 
 
-class ConditionalUNet(nn.Module):
-    """ε_θ(z_t, t, τ_θ(y)): the text-conditional UNet of latent diffusion, with diffusers' parameter names.
+def _resnet(c: UNetConfig, cin: int, cout: int) -> ResBlock:
+    return ResBlock(cin, cout, 4 * c.block_out_channels[0], c.norm_num_groups, c.norm_eps, c.dropout)
 
-    Layout (Ronneberger et al. 2015, with the ResBlocks and attention of Ho et al. 2020 and Rombach et al.
-    2022): conv_in; per level going down, ResBlocks (+ spatial transformers) and a stride-2 conv; a middle
-    ResBlock / transformer / ResBlock; per level going up, ResBlocks on [h, skip] (+ transformers) and a
-    nearest upsample + conv; GroupNorm, SiLU, conv_out. The timestep embedding e_t enters every ResBlock; the
-    text enters every transformer.
 
-    Any dtype and device: move the model with `.to(...)`; the inputs' device and dtype are used as they come.
-    """
+def _transformer(c: UNetConfig, level: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        c.block_out_channels[level],
+        c.heads[level],
+        c.cross_attention_dim,
+        num_layers=c.transformer_layers[level],
+        norm_groups=c.norm_num_groups,
+        linear_projection=c.use_linear_projection,
+        upcast=c.upcast_attention,
+        position_embedding=c.position_embedding,
+    )
 
-    def __init__(self, config: UNetConfig) -> None:
-        super().__init__()
-        if not isinstance(config, UNetConfig):
-            raise TypeError(
-                f"config must be a UNetConfig, got {type(config).__name__}; for a diffusers config.json dict "
-                f"use UNetConfig.from_diffusers(...)"
+
+def build_encoder(c: UNetConfig) -> tuple[nn.Conv2d, TimestepEmbedding, nn.ModuleList, MidBlock]:
+    """conv_in, the timestep MLP, the down blocks and the middle block of a UNet of config `c`."""
+    channels = c.block_out_channels
+    down_blocks = nn.ModuleList()
+    for level, cout in enumerate(channels):
+        cin, n = channels[max(level - 1, 0)], c.layers[level]
+        down_blocks.append(
+            DownBlock(
+                [_resnet(c, cin if i == 0 else cout, cout) for i in range(n)],
+                [_transformer(c, level) for _ in range(n)] if c.attention_levels[level] else None,
+                None if level == c.levels - 1 else Downsample(cout),
             )
-        self.config = config
-        c = config
-        channels, heads, layers, t_layers = c.block_out_channels, c.heads, c.layers, c.transformer_layers
-        emb_dim = 4 * channels[0]
-
-        def resnet(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, c.norm_num_groups, c.norm_eps, c.dropout)
-
-        def transformer(level: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                channels[level],
-                heads[level],
-                c.cross_attention_dim,
-                num_layers=t_layers[level],
-                norm_groups=c.norm_num_groups,
-                linear_projection=c.use_linear_projection,
-                upcast=c.upcast_attention,
-                position_embedding=c.position_embedding,
-            )
-
-        self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
-
-        self.down_blocks = nn.ModuleList()
-        skip_channels = [channels[0]]  # channels of every skip, in the order they are made
-        for level, cout in enumerate(channels):
-            cin = channels[max(level - 1, 0)]
-            last = level == c.levels - 1
-            self.down_blocks.append(
-                DownBlock(
-                    [resnet(cin if i == 0 else cout, cout) for i in range(layers[level])],
-                    [transformer(level) for _ in range(layers[level])] if c.attention_levels[level] else None,
-                    None if last else Downsample(cout),
-                )
-            )
-            skip_channels += [cout] * (layers[level] + (0 if last else 1))
-
-        self.mid_block = MidBlock(
-            [resnet(channels[-1], channels[-1]) for _ in range(1 + c.mid_block_attention)],
-            [transformer(c.levels - 1)] if c.mid_block_attention else [],
         )
+    mid_block = MidBlock(
+        [_resnet(c, channels[-1], channels[-1]) for _ in range(1 + c.mid_block_attention)],
+        [_transformer(c, c.levels - 1)] if c.mid_block_attention else [],
+    )
+    conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
+    return conv_in, TimestepEmbedding(channels[0], 4 * channels[0]), down_blocks, mid_block
 
-        self.up_blocks = nn.ModuleList()
-        cin = channels[-1]
-        for level in reversed(range(c.levels)):
-            cout = channels[level]
-            n = layers[level] + 1
-            self.up_blocks.append(
-                UpBlock(
-                    [resnet((cin if i == 0 else cout) + skip_channels.pop(), cout) for i in range(n)],
-                    [transformer(level) for _ in range(n)] if c.attention_levels[level] else None,
-                    Upsample(cout) if level > 0 else None,
-                )
-            )
-            cin = cout
 
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
+class UNetEncoderMixin:
+    """What the UNet and the ControlNet share: input checks, the timestep embedding e_t and the encoder pass.
+    The class defines `config`, `time_embedding`, `down_blocks` and `mid_block` (from `build_encoder`)."""
 
-    def forward(
-        self, sample: torch.Tensor, timestep: int | float | torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> torch.Tensor:
-        """Predict from noisy latents.
+    config: UNetConfig
 
-        Args:
-            sample: z_t, (B, C_in, H, W), H and W divisible by `downsample_factor`.
-            timestep: t as an int or float, a 0-d tensor, or a (B,) (or (1,)) tensor.
-            encoder_hidden_states: text embeddings τ_θ(y), (B, L, cross_attention_dim).
-        Returns:
-            (B, C_out, H, W), same dtype and device as `sample`.
-        """
-        timesteps = self._check_inputs(sample, timestep, encoder_hidden_states)
-        context = encoder_hidden_states
+    def _embed_time(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """e_t = MLP(sinusoid(t)), (B,) -> (B, 4·C_0)."""
         c = self.config
         t_emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(t_emb.to(sample.dtype))  # e_t, (B, 4·C_0)
+        return self.time_embedding(t_emb.to(dtype))
 
-        h = self.conv_in(sample)
+    def _encode(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down blocks and the middle on h = conv_in(z_t) (B, C_0, H, W) -> (middle output, skips h_i)."""
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, context)
             skips += block_skips
-        h = self.mid_block(h, emb, context)
-        for block in self.up_blocks:
-            h = block(h, [skips.pop() for _ in block.resnets], emb, context)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.mid_block(h, emb, context), skips
 
     def _check_inputs(
         self, sample: torch.Tensor, timestep: int | float | torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -503,7 +474,6 @@ class ConditionalUNet(nn.Module):
             )
         return timestep.to(sample.device).reshape(-1).expand(batch)
 
-    # ---- conveniences ----
     @property
     def downsample_factor(self) -> int:
         """How much the UNet shrinks H and W at its bottleneck: 2**(levels - 1)."""
@@ -528,12 +498,168 @@ class ConditionalUNet(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.enable_gradient_checkpointing(False)
 
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers' call signature: the keyword arguments its pipelines pass, and its outputs
+
+
+@dataclass
+class UNetOutput:
+    """`ConditionalUNet(..., return_dict=True)`: the prediction as `.sample` (diffusers' UNet2DConditionOutput)."""
+
+    sample: torch.Tensor
+
+
+def lora_scale(model: nn.Module, cross_attention_kwargs: dict[str, Any] | None) -> AbstractContextManager:
+    """diffusers' `cross_attention_kwargs={"scale": s}`: every LoRA adapter of `model` multiplied by s for one
+    call (s = 1 or no dict: unchanged). Other keys select diffusers' attention processors, which this model does
+    not have: refused by name."""
+    kwargs = dict(cross_attention_kwargs or {})
+    scale = kwargs.pop("scale", 1.0)
+    if kwargs:
+        raise ValueError(
+            f"cross_attention_kwargs has {sorted(kwargs)}; this model takes only 'scale' (the LoRA weight)"
+        )
+    if scale == 1.0:
+        return nullcontext()
+    from latentdiff.lora import scaled_adapters
+
+    return scaled_adapters(model, float(scale))
+
+
+def check_unused_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:
+    """diffusers' pipelines pass `timestep_cond`, `added_cond_kwargs`, `class_labels`, `attention_mask` (SDXL,
+    LCM, IP-Adapter inputs); None or empty is accepted, anything else is refused by name."""
+    unknown = sorted(k for k in kwargs if k not in _DIFFUSERS_UNUSED_KWARGS)
+    if unknown:
+        raise TypeError(f"{model_name}.forward got unexpected keyword arguments {unknown}")
+    given = sorted(k for k, v in kwargs.items() if v is not None and not (isinstance(v, dict) and not v))
+    if given:
+        raise ValueError(
+            f"{model_name} has no {', '.join(given)} input (SDXL/LCM/IP-Adapter conditioning); pass None"
+        )
+
+
+_DIFFUSERS_UNUSED_KWARGS = (
+    "timestep_cond",
+    "added_cond_kwargs",
+    "class_labels",
+    "attention_mask",
+    "encoder_attention_mask",
+)
+
+
+def add_residuals(
+    skips: list[torch.Tensor], down_residuals: Sequence[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """h_i + r_i for every skip (a ControlNet's down-block residuals r_i); the count and shapes must match."""
+    if down_residuals is None:
+        return skips
+    if len(down_residuals) != len(skips):
+        raise ValueError(
+            f"down_block_additional_residuals has {len(down_residuals)} tensors but this UNet keeps "
+            f"{len(skips)} skip connections; the ControlNet was made for another UNet shape "
+            f"(block_out_channels and layers_per_block must match)"
+        )
+    for i, (skip, residual) in enumerate(zip(skips, down_residuals)):
+        if residual.shape != skip.shape:
+            raise ValueError(
+                f"down_block_additional_residuals[{i}] has shape {tuple(residual.shape)} but the UNet's skip "
+                f"{i} has {tuple(skip.shape)}; the ControlNet was made for another UNet shape or image size"
+            )
+    return [skip + residual for skip, residual in zip(skips, down_residuals)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The UNet
+
+
+class ConditionalUNet(UNetEncoderMixin, nn.Module):
+    """ε_θ(z_t, t, τ_θ(y)): the text-conditional UNet of latent diffusion, with diffusers' parameter names.
+
+    Layout (Ronneberger et al. 2015, with the ResBlocks and attention of Ho et al. 2020 and Rombach et al.
+    2022): conv_in; per level going down, ResBlocks (+ spatial transformers) and a stride-2 conv; a middle
+    ResBlock / transformer / ResBlock; per level going up, ResBlocks on [h, skip] (+ transformers) and a
+    nearest upsample + conv; GroupNorm, SiLU, conv_out. The timestep embedding e_t enters every ResBlock; the
+    text enters every transformer. A ControlNet's residuals (Zhang et al. 2023) are added to the skips and to
+    the middle's output.
+
+    Any dtype and device: move the model with `.to(...)`; the inputs' device and dtype are used as they come.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(
+                f"config must be a UNetConfig, got {type(config).__name__}; for a diffusers config.json dict "
+                f"use UNetConfig.from_diffusers(...)"
+            )
+        self.config = c = config
+        self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = build_encoder(c)
+
+        self.up_blocks = nn.ModuleList()
+        skip_channels = list(c.skip_channels)
+        cin = c.block_out_channels[-1]
+        for level in reversed(range(c.levels)):
+            cout, n = c.block_out_channels[level], c.layers[level] + 1
+            self.up_blocks.append(
+                UpBlock(
+                    [_resnet(c, (cin if i == 0 else cout) + skip_channels.pop(), cout) for i in range(n)],
+                    [_transformer(c, level) for _ in range(n)] if c.attention_levels[level] else None,
+                    Upsample(cout) if level > 0 else None,
+                )
+            )
+            cin = cout
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, c.block_out_channels[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(c.block_out_channels[0], c.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool | None = None,
+        **diffusers_kwargs: Any,
+    ) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
+        """Predict from noisy latents (this project's call `unet(z_t, t, context)`, or diffusers').
+
+        Args:
+            sample: z_t, (B, C_in, H, W), H and W divisible by `downsample_factor`.
+            timestep: t as an int or float, a 0-d tensor, or a (B,) (or (1,)) tensor.
+            encoder_hidden_states: text embeddings τ_θ(y), (B, L, cross_attention_dim).
+            down_block_additional_residuals: a ControlNet's residuals, one per skip h_i, shaped like it.
+            mid_block_additional_residual: a ControlNet's residual for the middle output (B, C_last, h, w).
+            cross_attention_kwargs: diffusers' {"scale": s}: the LoRA adapters' weight for this call.
+            return_dict: None (default) returns the tensor; True an output with `.sample`; False a 1-tuple
+                (diffusers' conventions, for its pipelines).
+            diffusers_kwargs: `timestep_cond`, `added_cond_kwargs`, ... as diffusers' pipelines pass them: None.
+        Returns:
+            (B, C_out, H, W), same dtype and device as `sample` (wrapped as `return_dict` says).
+        """
+        timesteps = self._check_inputs(sample, timestep, encoder_hidden_states)
+        check_unused_kwargs(type(self).__name__, diffusers_kwargs)
+        context = encoder_hidden_states
+        with lora_scale(self, cross_attention_kwargs):
+            emb = self._embed_time(timesteps, sample.dtype)  # e_t, (B, 4·C_0)
+            h, skips = self._encode(self.conv_in(sample), emb, context)
+            skips = add_residuals(skips, down_block_additional_residuals)
+            if mid_block_additional_residual is not None:
+                h = h + mid_block_additional_residual
+            for block in self.up_blocks:
+                h = block(h, [skips.pop() for _ in block.resnets], emb, context)
+            out = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return out if return_dict is None else UNetOutput(out) if return_dict else (out,)
+
     # ---- files (diffusers' folder layout: latentdiff.models.unet_diffusers) ----
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write `config.json` (diffusers' format) and `diffusion_pytorch_model.safetensors` into a folder."""
-        from latentdiff.models.unet_diffusers import save_unet
+        from latentdiff.models.unet_diffusers import save_model
 
-        save_unet(self, save_directory)
+        save_model(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_path: str | Path, **kwargs: Any) -> ConditionalUNet:
@@ -545,4 +671,4 @@ class ConditionalUNet(nn.Module):
         return load_unet(pretrained_model_path, **kwargs)
 
 
-__all__ = ["ConditionalUNet", "UNetConfig", "timestep_embedding"]
+__all__ = ["ConditionalUNet", "UNetConfig", "UNetOutput", "build_encoder", "timestep_embedding"]

@@ -1,12 +1,13 @@
-"""The bridge between `ConditionalUNet` and diffusers' `UNet2DConditionModel` files: its `config.json` (read and
-written, with what this UNet cannot express refused by name) and the folder of weights (safetensors, sharded, or a
-trusted pickle; variants such as `fp16`).
+"""The bridge between this project's `ConditionalUNet` / `ControlNetModel` and diffusers' `UNet2DConditionModel` /
+`ControlNetModel` files: their `config.json` (read and written, with what these models cannot express refused by
+name) and the folder of weights (safetensors, sharded, or a trusted pickle; variants such as `fp16`).
 
 The parameter names need no translation: `ConditionalUNet` keeps diffusers' (see `latentdiff.models.unet`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from importlib import metadata
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
 from latentdiff.validation import check_safetensors_file, read_json_file
@@ -226,13 +228,83 @@ POSITION_EMBEDDING_KEY = "latentdiff_position_embedding"  # config.json key of U
 _DIFFUSERS_IGNORED = {"addition_embed_type_num_heads"}  # no effect while addition_embed_type is None
 
 
-def save_unet(unet: ConditionalUNet, save_directory: str | Path) -> None:
-    """Write `config.json` (diffusers' format) and `diffusion_pytorch_model.safetensors` into a folder."""
+# ---- ControlNetModel's config.json: the UNet's encoder keys plus the condition embedding's ----------------------
+
+_CONTROLNET_KEYS = {  # diffusers' key -> ControlNetConfig field
+    "conditioning_channels": "conditioning_channels",
+    "conditioning_embedding_out_channels": "conditioning_embedding_out_channels",
+    "controlnet_conditioning_channel_order": "conditioning_channel_order",
+}
+# UNet2DConditionModel keys that diffusers' ControlNetModel does not take (it has no up path and no dropout)
+_NOT_CONTROLNET_KEYS = ("sample_size", "out_channels", "up_block_types", "center_input_sample", "dropout")
+
+
+def controlnet_config_to_diffusers(config: Any) -> dict[str, Any]:
+    """The `config.json` dict of the equivalent diffusers `ControlNetModel` (a `ControlNetConfig` in)."""
+    unet = {k: v for k, v in config_to_diffusers(config).items() if k not in _NOT_CONTROLNET_KEYS}
+    extra = {key: getattr(config, field) for key, field in _CONTROLNET_KEYS.items()}
+    extra["conditioning_embedding_out_channels"] = list(config.conditioning_embedding_out_channels)
+    return {**unet, "_class_name": "ControlNetModel", **extra, "global_pool_conditions": False}
+
+
+def controlnet_config_from_diffusers(config: dict[str, Any]) -> Any:
+    """Read a diffusers `ControlNetModel` config dict as a `ControlNetConfig`: the UNet keys through
+    `config_from_diffusers` (the up path taken as the mirror of the down path), the condition embedding's here."""
+    from latentdiff.models.controlnet import ControlNetConfig
+
+    class_name = config.get("_class_name", "ControlNetModel")
+    if class_name != "ControlNetModel":
+        raise ValueError(f"_class_name={class_name!r} is not supported: only ControlNetModel configs load")
+    if config.get("global_pool_conditions", False):
+        raise ValueError("unsupported ControlNet config: global_pool_conditions=True (shuffle ControlNets)")
+    unet = {k: v for k, v in config.items() if k not in _CONTROLNET_KEYS and k != "global_pool_conditions"}
+    down = unet.get("down_block_types", _DIFFUSERS_DEFAULTS["down_block_types"])
+    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    unet["up_block_types"] = [mirror.get(block, block) for block in reversed(down)]
+    unet["_class_name"] = "UNet2DConditionModel"
+    fields = dataclasses.asdict(config_from_diffusers(unet))
+    fields.update({f: config[k] for k, f in _CONTROLNET_KEYS.items() if k in config})
+    return ControlNetConfig(**fields)
+
+
+# ---- folders ------------------------------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, save_directory: str | Path) -> None:
+    """Write `config.json` (diffusers' format: `model.config.to_diffusers()`) and
+    `diffusion_pytorch_model.safetensors` into a folder (a `ConditionalUNet` or a `ControlNetModel`)."""
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config_to_diffusers(unet.config), indent=2) + "\n")
-    state = {name: tensor.detach().contiguous() for name, tensor in unet.state_dict().items()}
+    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_diffusers(), indent=2) + "\n")
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _read_config(path: str | Path, subfolder: str | None, example: str) -> tuple[Path, dict[str, Any]]:
+    directory = Path(path) / (subfolder or "")
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
+            f"diffusers pipeline folder with subfolder='{example}')"
+        )
+    return directory, read_json_file(config_file)
+
+
+def load_controlnet(
+    pretrained_model_path: str | Path,
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+) -> nn.Module:
+    """Load a `ControlNetModel` folder written by its `save_pretrained` or by diffusers'
+    `ControlNetModel.save_pretrained`; arguments as `load_unet`."""
+    from latentdiff.models.controlnet import ControlNetModel
+
+    directory, config = _read_config(pretrained_model_path, subfolder, "controlnet")
+    config = controlnet_config_from_diffusers(config)
+    return load_weights(config, directory, torch_dtype, allow_pickle, variant, model_class=ControlNetModel)
 
 
 def load_unet(
@@ -255,15 +327,8 @@ def load_unet(
     Returns:
         The model in eval mode on the CPU.
     """
-    directory = Path(pretrained_model_path) / (subfolder or "")
-    config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"no {CONFIG_NAME} in {directory}; pass the folder written by save_pretrained (or a "
-            f"diffusers pipeline folder with subfolder='unet')"
-        )
-    config = config_from_diffusers(read_json_file(config_file))
-    return load_weights(config, directory, torch_dtype, allow_pickle, variant)
+    directory, config = _read_config(pretrained_model_path, subfolder, "unet")
+    return load_weights(config_from_diffusers(config), directory, torch_dtype, allow_pickle, variant)
 
 
 def load_weights(
@@ -272,13 +337,15 @@ def load_weights(
     torch_dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     variant: str | None = None,
-) -> ConditionalUNet:
-    """A `ConditionalUNet` of `config` (already read) with the weights of `directory`, in eval mode on the CPU."""
+    model_class: type[nn.Module] = ConditionalUNet,
+) -> nn.Module:
+    """A `model_class` (`ConditionalUNet` or `ControlNetModel`) of `config` (already read) with the weights of
+    `directory`, in eval mode on the CPU."""
     state = _load_weights(directory, allow_pickle, variant)
     dtype = torch_dtype or torch.float32
     state = {name: tensor.to(dtype) for name, tensor in state.items()}
     with torch.device("meta"):
-        model = ConditionalUNet(config)
+        model = model_class(config)
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(

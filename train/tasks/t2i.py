@@ -265,11 +265,18 @@ class TextToImageTask:
         if self.cfg.input_perturbation:  # ε' = ε + γ·ξ in z_t, ε still the target (arXiv:2301.11706)
             input_noise = noise + self.cfg.input_perturbation * rng.randn(*latents.shape[1:])
         extra = self.extra_channels(batch, rng)
-        return self.per_sample_loss(unet, latents, prompt_embeds, noise, timesteps, input_noise, extra).mean()
+        denoiser = self.denoiser(unet, batch)
+        return self.per_sample_loss(
+            denoiser, latents, prompt_embeds, noise, timesteps, input_noise, extra
+        ).mean()
 
     def extra_channels(self, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor | None:
         """Inputs the UNet reads next to z_t (none for text-to-image; `InpaintingTask` gives mask and image)."""
         return None
+
+    def denoiser(self, unet: nn.Module, batch: dict[str, Any]):
+        """What predicts from (z_t, t, c) for this batch: the UNet (a ControlNet task adds its condition)."""
+        return unet
 
     # ---- validation ----
 
@@ -313,7 +320,7 @@ class TextToImageTask:
                 )
                 losses.append(
                     self.per_sample_loss(
-                        unet,
+                        self.denoiser(unet, part),
                         part["latents"],
                         prompt_embeds,
                         part["noise"],
