@@ -26,14 +26,6 @@ def shapes_data(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", num_images=24, size=32, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def common_flags(data: Path, out: Path, steps: int = 2) -> list[str]:
     return [
         "--train_data_dir", str(data), "--resolution", "32", "--center_crop", "--train_batch_size", "4",

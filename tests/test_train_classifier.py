@@ -35,14 +35,6 @@ def shapes_data(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", num_images=32, size=32, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flags(model: Path, data: Path, out: Path, steps: int, **extra) -> list[str]:
     values = {
         "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": out, "resolution": 32,

@@ -100,17 +100,9 @@ class InpaintingTask(TextToImageTask):
     @torch.no_grad()
     def validation_images(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> list[Image.Image]:
         """One image per validation prompt, inpainted over a fully masked image (text-to-image); prompt i, seed i."""
-        from latentdiff.schedulers import DDIMScheduler
         from pipelines.inpaint_pipeline import LatentInpaintPipeline
 
-        pipe = LatentInpaintPipeline(
-            unet,
-            DDIMScheduler.from_config(self.models.noise_scheduler.config),
-            self.models.vae,
-            text_encoder or self.models.text_encoder,
-            self.models.tokenizer,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self.validation_pipeline(LatentInpaintPipeline, unet, text_encoder)
         size = self.cfg.resolution
         gray, full = Image.new("RGB", (size, size), (128, 128, 128)), torch.ones(1, 1, size, size)
         images = []

@@ -330,13 +330,13 @@ class TextToImageTask:
                 )
         return float(torch.cat(losses).mean())
 
-    @torch.no_grad()
-    def validation_images(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> list[Image.Image]:
-        """One image per validation prompt: DDIM with the training schedule; prompt i uses seed i."""
+    def validation_pipeline(
+        self, pipeline_class: type, unet: nn.Module, text_encoder: nn.Module | None = None
+    ):
+        """`pipeline_class` over the model in training: DDIM with the training schedule, no progress bar."""
         from latentdiff.schedulers import DDIMScheduler
-        from pipelines.latent_pipeline import LatentPipeline
 
-        pipe = LatentPipeline(
+        pipe = pipeline_class(
             unet,
             DDIMScheduler.from_config(self.models.noise_scheduler.config),
             self.models.vae,
@@ -344,6 +344,14 @@ class TextToImageTask:
             self.models.tokenizer,
         )
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def validation_images(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> list[Image.Image]:
+        """One image per validation prompt: DDIM with the training schedule; prompt i uses seed i."""
+        from pipelines.latent_pipeline import LatentPipeline
+
+        pipe = self.validation_pipeline(LatentPipeline, unet, text_encoder)
         images = []
         for i, prompt in enumerate(self.cfg.validation_prompts):
             with self.accelerator.autocast():
