@@ -123,7 +123,8 @@ def test_tiny_run_resumes_exactly_and_its_classifier_guides_the_pipeline(
     assert Image.open(out).text["class_labels"] == "a red circle in the top left"
 
 
-def test_class_labels_read_from_text_as_pairs_or_a_layout():
+def test_class_labels_read_from_text_as_pairs_or_a_layout(tmp_path):
+    out = tmp_path / "out.png"  # never the working folder, where the README's own command leaves an out.png
     assert read_class_labels("color=2, shape=0 cell=4") == {"color": 2, "shape": 0, "cell": 4}
     assert read_class_labels("a blue square on the right") == caption_labels("a blue square on the right")
     with pytest.raises(ValueError, match="'color=red' is not name=index"):
@@ -131,9 +132,9 @@ def test_class_labels_read_from_text_as_pairs_or_a_layout():
     with pytest.raises(ValueError, match="class_labels='a blue square': the blue square has no position"):
         read_class_labels("a blue square")
     with pytest.raises(ValueError, match="a classifier trained for it"):
-        generate("", "out.png", model="some/sd-folder", class_labels="a blue square on the right")
+        generate("", out, model="some/sd-folder", class_labels="a blue square on the right")
     with pytest.raises(ValueError, match="needs class_labels"):
-        generate("", "out.png", classifier="some/classifier")
+        generate("", out, classifier="some/classifier")
 
 
 def test_bad_flags_are_refused_before_training(tmp_path, tiny_sd_dir, shapes_data):
