@@ -211,8 +211,10 @@ class LatentPipeline(InversionMixin, LoraMixin):
         directory.mkdir(parents=True, exist_ok=True)
         for name in SUBFOLDERS:
             getattr(self, name).save_pretrained(directory / name)
+        # A UNet that also reads the mask and the masked image's latents (2C + 1 channels) is an inpainting model.
+        inpainting = self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
         model_index = {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
             "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None],
             "image_encoder": [None, None],

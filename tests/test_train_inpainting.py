@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -96,6 +97,10 @@ def test_inpainting_run_exports_an_inpainting_folder_and_resumes_exactly(
     ]
     assert json.loads((whole / "unet" / "config.json").read_text())["in_channels"] == 2 * c + 1
     assert float(a["conv_in.weight"][:, c:].abs().max()) > 0  # the new channels were trained
+    index = json.loads((whole / "model_index.json").read_text())
+    # diffusers' DiffusionPipeline picks its class by this name
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert type(diffusers.DiffusionPipeline.from_pretrained(whole)).__name__ == index["_class_name"]
 
     pipe = LatentInpaintPipeline.from_pretrained(whole)
     pipe.set_progress_bar_config(disable=True)
