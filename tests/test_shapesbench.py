@@ -23,7 +23,15 @@ from latentdiff.data.shapes import (
     sample_scene,
     scene_for_caption,
 )
-from latentdiff.eval.detector import IRREGULAR, MIN_CONVEXITY, connected_components, convexity, detect
+from latentdiff.eval.detector import (
+    IRREGULAR,
+    MAX_CONCAVE_DEPTH,
+    MAX_OUTLINE_DEVIATION,
+    concave_depth,
+    connected_components,
+    detect,
+    outline_deviation,
+)
 from latentdiff.eval.shapesbench import (
     ALL_GROUPS,
     GROUPS,
@@ -319,29 +327,99 @@ def triangle_corners(side: float, cx: float = 32.2, cy: float = 31.7) -> list[tu
     return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
 
 
+def circle_points(side: float, cx: float = 32.2, cy: float = 31.7, n: int = 96) -> list[tuple[float, float]]:
+    angles = 2 * np.pi * np.arange(n) / n
+    return [(cx + side / 2 * np.cos(a), cy + side / 2 * np.sin(a)) for a in angles]
+
+
+def half_dome(side: float) -> list[tuple[float, float]]:
+    """A circle with its bottom fifth cut off flat (as wide as the circle, 0.8 as tall)."""
+    floor = 31.7 + 0.3 * side
+    return [(x, min(y, floor)) for x, y in circle_points(side)]
+
+
+def flared_cup(side: float, cx: float = 32.2, cy: float = 31.7) -> list[tuple[float, float]]:
+    """A square whose sides lean in by a tenth of the side towards the bottom (a cup, 0.8 as wide at its foot)."""
+    h = side / 2
+    return [(cx - h, cy - h), (cx + h, cy - h), (cx + 0.4 * side, cy + h), (cx - 0.4 * side, cy + h)]
+
+
+def lumpy_blob(side: float, cx: float = 32.2, cy: float = 31.7) -> list[tuple[float, float]]:
+    """A heptagon with uneven corners (radii 0.88 to 1.04 of the circle's): a blob with flats and bumps."""
+    radii = (1.0, 0.9, 1.04, 0.93, 1.02, 0.88, 1.0)
+    angles = 2 * np.pi * np.arange(7) / 7 - np.pi / 2
+    return [(cx + side / 2 * r * np.cos(a), cy + side / 2 * r * np.sin(a)) for r, a in zip(radii, angles)]
+
+
+COUNTER_EXAMPLES = {  # name: (the shape a person might be told it is, the ideal shape as drawn, the counter-example)
+    "concave square": ("square", square_corners, lambda s: bowed_polygon(square_corners(s), 0.1 * s)),
+    "concave triangle": ("triangle", triangle_corners, lambda s: bowed_polygon(triangle_corners(s), 0.1 * s)),
+    "half-dome": ("circle", circle_points, half_dome),
+    "flared cup": ("square", square_corners, flared_cup),
+    "lumpy blob": ("circle", circle_points, lumpy_blob),
+}
+
+
 @pytest.mark.parametrize("side", [12.8, 19.2])  # small and large at 64 px
-@pytest.mark.parametrize("shape, corners", [("square", square_corners), ("triangle", triangle_corners)])
-def test_concave_sides_are_not_read_as_the_shape(shape, corners, side):
-    """Sides bowed in by a tenth of the side (1.3 px small, 1.9 px large) are plain to see at 64 px; the same
-    shape with straight sides (control) or sides bowed by a hundredth reads as the shape."""
-    assert detect(draw_polygon(corners(side))).objects[0].shape == shape
-    assert detect(draw_polygon(bowed_polygon(corners(side), 0.01 * side))).objects[0].shape == shape
-    concave = detect(draw_polygon(bowed_polygon(corners(side), 0.1 * side))).objects[0]
-    assert concave.shape == IRREGULAR
+@pytest.mark.parametrize("name", list(COUNTER_EXAMPLES))
+def test_shapes_a_person_would_not_call_the_shape_are_irregular(name, side):
+    """Each counter-example, drawn as render_scene draws (anti-aliased), is read as irregular and fails the prompt;
+    the ideal shape drawn the same way (control) is read as the shape and matches it."""
+    shape, ideal, counter = COUNTER_EXAMPLES[name]
     size = "large" if side > 16 else "small"
     prompt = f"a {size} red {shape} in the center on a white background"
-    assert not matches_prompt(draw_polygon(bowed_polygon(corners(side), 0.1 * side)), prompt)
-    assert matches_prompt(draw_polygon(corners(side)), prompt)
+    assert detect(draw_polygon(ideal(side))).objects[0].shape == shape
+    assert matches_prompt(draw_polygon(ideal(side)), prompt)
+    assert detect(draw_polygon(counter(side))).objects[0].shape == IRREGULAR
+    assert not matches_prompt(draw_polygon(counter(side)), prompt)
 
 
-def test_convexity_is_one_for_convex_shapes_and_the_hull_deficit_for_concave_ones():
+@pytest.mark.parametrize("side", [12.8, 19.2])
+@pytest.mark.parametrize("shape, corners", [("square", square_corners), ("triangle", triangle_corners)])
+def test_sides_bowed_by_a_hundredth_still_read_as_the_shape(shape, corners, side):
+    assert detect(draw_polygon(bowed_polygon(corners(side), 0.01 * side))).objects[0].shape == shape
+
+
+def test_concave_depth_is_zero_for_convex_shapes_and_the_hull_deficit_over_its_perimeter():
     square = np.zeros((24, 24), np.float32)
     square[4:20, 4:20] = 1.0
-    assert convexity(square) == pytest.approx(1.0, abs=0.02)
+    assert concave_depth(square) == pytest.approx(0.0, abs=0.02)
     notched = square.copy()
     notched[4:12, 10:14] = 0.0  # a 8x4 slot cut from the top side: the hull stays the 16x16 square
-    assert convexity(notched) == pytest.approx((256 - 32) / 256, abs=0.02)
-    assert convexity(notched) < MIN_CONVEXITY
+    assert concave_depth(notched) == pytest.approx(32 / 64, abs=0.02)  # deficit 32 px² over a 64 px perimeter
+    assert concave_depth(notched) > MAX_CONCAVE_DEPTH * 16
+    # sides bowed in by δ at their middle (parabolas) lose (2/3)·δ·L each: the depth is (2/3)·δ for any shape, less
+    # about a quarter pixel where the anti-aliased edge rounds the sharp corners off the hull
+    for corners in (square_corners, triangle_corners):
+        pixels = np.asarray(draw_polygon(bowed_polygon(corners(40.0), 3.0)), np.float32)
+        alpha = (240 - pixels[..., 1]) / (240 - 40)  # red on white, read in the green channel
+        assert concave_depth(alpha) == pytest.approx(2 / 3 * 3.0, abs=0.45)
+
+
+def test_outline_deviation_of_a_rectangle_read_as_a_square_is_its_overhang():
+    """A w×h rectangle fitted by a square of the same area (side √(wh), same centroid) sticks out by (w − √(wh))/2
+    at its short ends: the deviation is that over √(wh)."""
+    rectangle = np.zeros((40, 40), np.float32)
+    rectangle[12:28, 10:30] = 1.0  # 20 wide, 16 tall
+    d = np.sqrt(20 * 16)
+    assert outline_deviation(rectangle, "square") == pytest.approx((20 - d) / 2 / d, abs=0.005)
+    with pytest.raises(ValueError, match="star"):
+        outline_deviation(rectangle, "star")
+
+
+@pytest.mark.parametrize("size, share", [(32, 0.8), (64, 0.5)])
+def test_rendered_shapes_keep_well_inside_the_outline_checks(size, share):
+    """The checks leave room for anti-aliasing at every size: rendered shapes use at most `share` of them, small
+    ones (6.4 px at 32 px, where a pixel's rounding is 5 % of the side) included."""
+    for shape in MAX_OUTLINE_DEVIATION:
+        for object_size in ("small", "large"):
+            for offset in ((0.013, -0.02), (-0.007, 0.031)):
+                scene = Scene("black", (ObjectSpec("green", shape, object_size, "center", offset),))
+                pixels = np.asarray(render_scene(scene, size), np.float32)
+                alpha = (pixels[..., 1] - 20) / (170 - 20)  # green (40, 170, 60) on black: the green channel
+                deviation = outline_deviation(alpha, shape)
+                assert deviation < share * MAX_OUTLINE_DEVIATION[shape], (shape, object_size)
+                assert concave_depth(alpha) < share * MAX_CONCAVE_DEPTH * size * 0.2
 
 
 def test_two_touching_objects_of_one_colour_are_one_wrong_object():

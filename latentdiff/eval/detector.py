@@ -15,17 +15,20 @@ Steps (shared/SHAPES.md, "ShapesBench"), for an RGB image p of side S:
 | fit        | each shape's template (SHAPE_GEOMETRY: fill f = area / box area, centroid offset) is drawn |
 |            | with box side d = √(A / f) on the region's centroid (position and size fitted, so only the |
 |            | shape is left to compare); its fit is the soft IoU Σ min(α, t) / Σ max(α, t)               |
-| shape      | the shape of the best fit, if that fit is ≥ MIN_SHAPE_IOU and, for the convex shapes        |
-|            | (circle, square, triangle), the region's convexity (soft area over the area of the convex   |
-|            | hull of its α = ½ edge) is ≥ MIN_CONVEXITY; else IRREGULAR: a square with pinched sides or  |
-|            | a triangle with concave sides is not read as one                                            |
+| shape      | the shape of the best fit, if that fit is ≥ MIN_SHAPE_IOU and, for the base world's shapes   |
+|            | (circle, square, triangle), the α = ½ edge keeps to the shape's outline: (a) its concave    |
+|            | depth (convex hull area − A) / hull perimeter, the mean depth by which the edge falls inside |
+|            | its hull, is ≤ MAX_CONCAVE_DEPTH·d (pinched squares, concave triangles fail); (b) no edge   |
+|            | point is further than MAX_OUTLINE_DEVIATION[shape]·d from the fitted template's outline (a  |
+|            | half-dome or a lumpy blob read as a circle, a flared cup read as a square fail); else       |
+|            | IRREGULAR                                                                                  |
 | size       | `large` when the fitted box side d ≥ 0.25·S, else `small` (boxes are 0.30·S and 0.20·S)    |
 | position   | the 3×3 cell holding the α-weighted centroid                                               |
 
 Regions whose colour is a background colour (e.g. a black blob on white) are reported as objects too, with that
 colour, so that they count as extra objects against a prompt. A region's fits are kept (DetectedObject.fits): the fit
 of the shape a prompt asks for is ShapesBench's shape fidelity. Pure numpy, plus PIL to draw the templates: about
-2.5 ms of CPU per 64×64 image (templates at 16× supersampling, so that a rendered shape fits its own template to
+3 ms of CPU per 64×64 image (templates at 16× supersampling, so that a rendered shape fits its own template to
 about 0.99 rather than 0.96).
 """
 
@@ -51,7 +54,15 @@ LARGE_THRESHOLD = 0.25  # bounding-box side (fraction of S) between small (0.20)
 TOUCH_ALPHA = 0.25  # same-colour pixels this strong join regions: objects that touch are one region
 MIN_SHAPE_IOU = 0.85  # a region no template fits this well is IRREGULAR (rendered ≥ 0.89 at 32 px)
 IRREGULAR = "irregular"  # the shape read for a region that fits no template
-MIN_CONVEXITY = 0.90  # circles, squares, triangles are convex: rendered ≥ 0.98, through the VAE ≥ 0.97
+# The outline checks of the base world's shapes, both over the fitted side d (measured on 400 rendered scenes at
+# 32 to 128 px, 400 through the shipped VAE at 64 px, and the 288 images of the shipped default's bench at two seeds)
+# concave depth: sides bowed in by 2 % of d reach it (pinched squares, concave triangles); rendered ≤ 0.004, VAE ≤ 0.006
+MAX_CONCAVE_DEPTH = 0.0125
+# outline deviation: rendered ≤ 0.025 (circle), 0.045 (square), 0.049 (triangle) at 32 px and ≤ 0.025 from 64 px; VAE
+# ≤ 0.044. A circle is seen by its even curve (a flat or a bump 5 % of d out reads as a half-dome or a lumpy blob), a
+# square by straight, upright sides (a cup flared by 10 % of d reaches 0.066), a triangle by its three corners: the
+# eye forgives a rounded or leaning apex, which moves the outline most (generated triangles read as such reach 0.066)
+MAX_OUTLINE_DEVIATION: dict[str, float] = {"circle": 0.045, "square": 0.06, "triangle": 0.08}
 TEMPLATE_SUPERSAMPLE = 16  # templates are drawn at 16× (edges within 1/32 px), scenes at 4×
 
 _PALETTE_NAMES = (*OBJECT_COLORS, *BACKGROUND_COLORS)
@@ -173,6 +184,19 @@ SHAPE_GEOMETRY: dict[str, tuple[float, float]] = {
 }
 
 
+def _centroid(soft: np.ndarray) -> tuple[float, float]:
+    """The α-weighted centroid (x, y) of a region's soft coverage (h, w), in window pixels (pixel centres at +½)."""
+    grid_y, grid_x = np.mgrid[0 : soft.shape[0], 0 : soft.shape[1]]
+    area = float(soft.sum())
+    return float((soft * (grid_x + 0.5)).sum() / area), float((soft * (grid_y + 0.5)).sum() / area)
+
+
+def template_box(shape: str, cx: float, cy: float, d: float) -> tuple[float, float, float, float]:
+    """The d×d box (x0, y0, x1, y1) that puts the shape's centroid on (cx, cy) (SHAPE_GEOMETRY's offset)."""
+    top = cy - SHAPE_GEOMETRY[shape][1] * d - d / 2
+    return (cx - d / 2, top, cx + d / 2, top + d)
+
+
 def _fit_templates(soft: np.ndarray) -> tuple[dict[str, float], dict[str, float], tuple[float, float]]:
     """Fits each shape's template to a region's soft coverage by moments and measures the fit.
 
@@ -181,13 +205,11 @@ def _fit_templates(soft: np.ndarray) -> tuple[dict[str, float], dict[str, float]
     shape -> d in pixels, centroid (x, y) in window pixels).
     """
     area = float(soft.sum())
-    grid_y, grid_x = np.mgrid[0 : soft.shape[0], 0 : soft.shape[1]]
-    cx = float((soft * (grid_x + 0.5)).sum() / area)
-    cy = float((soft * (grid_y + 0.5)).sum() / area)
+    cx, cy = _centroid(soft)
     fits, sides = {}, {}
-    for shape, (fill, centroid_y) in SHAPE_GEOMETRY.items():
-        d = math.sqrt(area / fill)
-        box = (cx - d / 2, cy - centroid_y * d - d / 2, cx + d / 2, cy - centroid_y * d + d / 2)
+    for shape in SHAPE_GEOMETRY:
+        d = math.sqrt(area / SHAPE_GEOMETRY[shape][0])
+        box = template_box(shape, cx, cy, d)
         # pad the window so the template fits whole: the part it draws outside the region counts against it
         pad = math.ceil(max(0.0, -box[0], -box[1], box[2] - soft.shape[1], box[3] - soft.shape[0])) + 1
         template = shape_coverage(
@@ -219,8 +241,8 @@ def _edge_points(soft: np.ndarray) -> np.ndarray:
     return np.array(points, dtype=np.float64)
 
 
-def _convex_hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of (N, 2) points (Andrew's monotone chain, then the shoelace formula)."""
+def _hull(points: np.ndarray) -> np.ndarray:
+    """The convex hull of (N, 2) points (x, y), its vertices in order (Andrew's monotone chain): (M, 2)."""
     ordered = sorted(set(map(tuple, points)))
 
     def half(chain):
@@ -238,23 +260,61 @@ def _convex_hull_area(points: np.ndarray) -> float:
             hull.append(p)
         return hull[:-1]
 
-    hull = half(ordered) + half(ordered[::-1])
-    return _polygon_fill_and_centroid(hull)[0] if len(hull) >= 3 else 0.0
+    return np.array(half(ordered) + half(ordered[::-1]), dtype=np.float64).reshape(-1, 2)
 
 
-def convexity(soft: np.ndarray) -> float:
-    """Soft area over the area of the convex hull of the region's edge: about 1 for a convex shape, less for a
-    square with pinched sides (sides bowed in by 5 % of the side: 0.87) or a triangle with concave sides.
-    soft: (h, w) coverage α of one region."""
-    hull = _convex_hull_area(_edge_points(soft))
-    return float(soft.sum() / hull) if hull > 0 else 0.0
+def concave_depth(soft: np.ndarray) -> float:
+    """(hull area − soft area) / hull perimeter, in pixels: the mean depth by which a region's α = ½ edge falls
+    inside its convex hull. About 0 for a convex shape; a side of length L bowed in by δ at its middle (a parabola)
+    adds (2/3)·δ·L to the deficit, so sides bowed by δ all round give (2/3)·δ whatever the shape. soft: (h, w)
+    coverage α of one region."""
+    hull = _hull(_edge_points(soft))
+    if len(hull) < 3:
+        return 0.0
+    perimeter = float(np.hypot(*(np.roll(hull, -1, 0) - hull).T).sum())
+    return (_polygon_fill_and_centroid(hull)[0] - float(soft.sum())) / perimeter
 
 
-def _read_shape(fits: dict[str, float], region_convexity: float) -> str:
+def _distance_to_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Distance of each of (N, 2) points to the closed polygon (M, 2)'s sides: (N,)."""
+    start, side = polygon, np.roll(polygon, -1, 0) - polygon  # (M, 2)
+    offset = points[:, None, :] - start[None]  # (N, M, 2)
+    t = np.clip(
+        (offset * side).sum(-1) / (side**2).sum(-1), 0.0, 1.0
+    )  # the nearest point's place along a side
+    return np.hypot(*np.moveaxis(offset - t[..., None] * side, -1, 0)).min(1)
+
+
+def outline_deviation(soft: np.ndarray, shape: str) -> float:
+    """The largest distance of the region's α = ½ edge from the outline of the shape's template fitted in position
+    and size (as for its fit), over the template's side d. Rendered shapes: ≤ 0.015 at 64 px (≤ 0.025 at 32 px).
+    soft: (h, w) coverage α of one region; shape: circle, square or triangle."""
+    cx, cy = _centroid(soft)
+    d = math.sqrt(float(soft.sum()) / SHAPE_GEOMETRY[shape][0])
+    x0, y0, x1, y1 = template_box(shape, cx, cy, d)
+    edge = _edge_points(soft)
+    if shape == "circle":
+        distance = np.abs(np.hypot(edge[:, 0] - cx, edge[:, 1] - cy) - d / 2)
+    elif shape == "square":
+        distance = _distance_to_polygon(edge, np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]))
+    elif shape == "triangle":
+        distance = _distance_to_polygon(edge, np.array([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)]))
+    else:
+        raise ValueError(f"shape={shape!r} has no outline check; one of {list(MAX_OUTLINE_DEVIATION)}")
+    return float(distance.max() / d)
+
+
+def _read_shape(fits: dict[str, float], sides: dict[str, float], soft: np.ndarray) -> str:
     """The shape whose template fits best (fill ratio, corners and symmetry at once), or IRREGULAR when even the
-    best fit is below MIN_SHAPE_IOU, or when a convex shape is read for a region less convex than MIN_CONVEXITY."""
+    best fit is below MIN_SHAPE_IOU, or when the region's outline strays from a base-world shape's (concave sides
+    deeper than MAX_CONCAVE_DEPTH·d, or an edge further than MAX_OUTLINE_DEVIATION[shape]·d from its outline)."""
     best = max(fits, key=fits.get)
-    if fits[best] < MIN_SHAPE_IOU or (best != STAR and region_convexity < MIN_CONVEXITY):
+    if fits[best] < MIN_SHAPE_IOU:
+        return IRREGULAR
+    if best in MAX_OUTLINE_DEVIATION and (
+        concave_depth(soft) > MAX_CONCAVE_DEPTH * sides[best]
+        or outline_deviation(soft, best) > MAX_OUTLINE_DEVIATION[best]
+    ):
         return IRREGULAR
     return best
 
@@ -299,7 +359,7 @@ def detect(image) -> Detection:
         soft = np.where(fringe, alpha[wy0:wy1, wx0:wx1, k], 0.0).astype(np.float32)
         fits, sides, (cx, cy) = _fit_templates(soft)
         cx, cy = cx + wx0, cy + wy0
-        shape = _read_shape(fits, convexity(soft))
+        shape = _read_shape(fits, sides, soft)
         d = sides[max(fits, key=fits.get)]
         cell = (min(int(3 * cy / height), 2), min(int(3 * cx / width), 2))
         objects.append(
