@@ -73,13 +73,14 @@ def test_the_default_loads_offline_in_float32(default_pipe):
 def test_the_default_draws_what_simple_prompts_ask_for(default_pipe):
     # Each image must be read by the detector as its whole prompt (colour, shape, size, position, background and no
     # extra object): this guards the shipped weights, held-out pairs included, at the sampling settings the default
-    # carries (sampling_settings.json), as LatentPipeline()(prompt) runs. The strict detector (outline checks, issue
-    # 18) reads 8 of these 10 as their prompts (two triangles, their sides bowed in, are refused); one more
-    # miss is allowed, as another CPU's float rounding may move an image (README "The embedded default").
+    # carries (sampling_settings.json: 4 DDIM steps, guidance 1.5), as LatentPipeline()(prompt) runs. The strict
+    # detector (outline checks, issue 18) reads all 10 as their prompts (8 at the guidance 2 carried before: two
+    # triangles, their sides bowed in, were refused); one miss is allowed, as another CPU's float rounding may move an
+    # image (README "The embedded default").
     generators = [torch.Generator().manual_seed(i) for i in range(len(GUARD_PROMPTS))]
     images = default_pipe(GUARD_PROMPTS, generator=generators).images
     right = [shapesbench.matches_prompt(image, prompt) for image, prompt in zip(images, GUARD_PROMPTS)]
-    assert sum(right) >= len(GUARD_PROMPTS) - 3, (
+    assert sum(right) >= len(GUARD_PROMPTS) - 1, (
         f"only {sum(right)} of {len(GUARD_PROMPTS)} images match their prompt: {right}"
     )
 
