@@ -2,10 +2,11 @@
 
     python benchmarks/bench_startup.py --runs 5
 
-Runs the command `--runs` times in fresh processes (wall time and the child's CPU time, user + sys), then once more
-in-process with a mark after each phase (import torch, diffusers' top level, AutoencoderKL, transformers' CLIP, our
-modules, loading the default, sampling at its carried settings and saving), so the share of each is visible. CPU
-time is the figure to trust on a shared machine: wall time there includes waiting for a core.
+Runs the command `--runs` times in fresh processes (wall time and the child's CPU time, user + sys, the exit
+included), then once more in-process, garbage collection off as the command runs, with a mark after each phase
+(import torch, diffusers' top level, AutoencoderKL, transformers' CLIP, our modules, loading the default, sampling
+at its carried settings and saving), so the share of each is visible. CPU time is the figure to trust on a shared
+machine: wall time there includes waiting for a core.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ PROMPT = "a large red circle in the top left on a black background"
 
 # run in a fresh interpreter: one line per phase, "name<TAB>cpu seconds<TAB>wall seconds"
 PHASES = """
-import resource, time
+import gc, resource, time
+gc.disable()  # as `latentdiff generate` runs (latentdiff.cli._no_garbage_collection)
 def now():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime, time.perf_counter()
@@ -66,7 +68,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "out.png")
         runs = [
-            time_command([cli, "generate", PROMPT, "-o", out, "--seed", str(i)]) for i in range(args.runs)
+            time_command([cli, "generate", PROMPT, "-o", out, "--seed", str(i), "--overwrite"])
+            for i in range(args.runs)
         ]
         walls, cpus = zip(*runs)
         print(f"latentdiff generate, {args.runs} runs: wall " + ", ".join(f"{w:.2f}" for w in walls) + " s")

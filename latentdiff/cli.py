@@ -8,8 +8,11 @@ existing file) prints one line, `latentdiff COMMAND: error: ...`, and exits with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from latentdiff import __version__, validation
@@ -58,7 +61,26 @@ def _sampling_settings(args: argparse.Namespace) -> dict:
     )
 
 
+@contextlib.contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """No garbage collection during a one-shot command (generate, edit, inpaint): importing torch, diffusers and
+    transformers and loading a model make millions of objects and no garbage, and Python's collector would walk them
+    again and again (0.5 s of CPU, BENCHMARKS.md section 5); the collector's state is restored after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    with _no_garbage_collection():
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from latentdiff.generate import generate
 
     settings = _sampling_settings(args)
@@ -84,6 +106,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
+    with _no_garbage_collection():
+        return _edit(args)
+
+
+def _edit(args: argparse.Namespace) -> int:
     from latentdiff.edit import edit_image, inpaint_image
 
     settings = _sampling_settings(args)
@@ -444,5 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The `latentdiff` console script: `main`, then an exit whose last garbage collections skip every object the
+    command made (`gc.freeze`): the process ends and the system takes its memory back at once, where Python's
+    collections at exit would walk the objects of torch, diffusers and transformers first (1.6 to 1.9 s of CPU after
+    `latentdiff generate` on a loaded 2-core machine; BENCHMARKS.md section 5)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -46,7 +46,7 @@ def load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedule
     """The five parts of the SD folder `directory` and its sampling settings, as `LatentPipeline(**parts)` takes
     them; the sampler is the one its sampling settings name, built from its scheduler config."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     missing = [name + "/" for name in SUBFOLDERS if not (directory / name).is_dir()]
     if not (directory / "scheduler" / "scheduler_config.json").is_file() and "scheduler/" not in missing:
@@ -79,7 +79,32 @@ def load_parts(directory: Path, torch_dtype: torch.dtype | None = None, schedule
         "unet": ConditionalUNet.from_pretrained(directory, subfolder="unet", torch_dtype=dtype),
         "scheduler": scheduler,
         "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype),
-        # loaded as stored, then cast: works with transformers 4.x (torch_dtype=) and 5.x (dtype=) alike
-        "text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder").to(dtype),
+        "text_encoder": load_text_encoder(directory / "text_encoder", dtype),
         "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
     }
+
+
+def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):
+    """transformers' `CLIPTextModel` of `folder` (config.json and model.safetensors, as its save_pretrained writes),
+    in eval mode: built from its config on the meta device and given the stored tensors, cast to `dtype`. This skips
+    transformers' loader, whose first call in a process builds its table of every model type's weight renamings
+    (BENCHMARKS.md, section 5). A folder in another form (sharded, pickled, or weights under other names, as older
+    transformers wrote them) goes through `CLIPTextModel.from_pretrained`, which reads them all."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        with torch.device("meta"):
+            model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+        expected = set(model.state_dict())
+        state = {name: t.to(dtype) for name, t in load_file(weights).items()}
+        # the buffers no checkpoint holds: CLIP's embeddings' positions 0 .. max_position_embeddings − 1
+        unsaved = [name for name, _ in model.named_buffers() if name not in expected]
+        if set(state) == expected and len(unsaved) == 1 and unsaved[0].endswith("embeddings.position_ids"):
+            model.load_state_dict(state, strict=True, assign=True)
+            embeddings = model.get_submodule(unsaved[0].rsplit(".", 1)[0])
+            embeddings.position_ids = torch.arange(model.config.max_position_embeddings).expand((1, -1))
+            return model.eval()
+    # loaded as stored, then cast: works with transformers 4.x (torch_dtype=) and 5.x (dtype=) alike
+    return CLIPTextModel.from_pretrained(folder).to(dtype).eval()

@@ -1,10 +1,12 @@
-"""The embedded default's own training stages, in miniature: the word tokenizer, train_vae.py, train_clip.py, and
-train_t2i.py from scratch on their outputs, ending in a pipeline that loads and generates (train/build_default.sh
-runs the same chain at full size)."""
+"""The embedded default's own training stages, in miniature: the word tokenizer, train_vae.py, train_clip.py (the
+tool that built the default's tokenizer; no longer a stage of train/build_default.sh, which takes the tokenizer from
+the shipped default), and train_t2i.py from scratch on their outputs, ending in a pipeline that loads and generates;
+and the recipe's own configs, read as build_default.sh passes them."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from train import train_clip, train_t2i, train_vae
 from train.arguments import parse_config
 from train.loop_config import ConfigError
 from train.tasks import clip, vae
+from train.tasks.t2i_config import T2IConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,3 +173,22 @@ def test_bad_stage_flags_are_refused_before_training(tmp_path, shapes_data):
         parse_config([*base, "--vae_config", __file__, "--train_decoder_only"], vae.VaeConfig)
     with pytest.raises(ConfigError, match="clip_config"):
         parse_config(base, clip.ClipConfig)
+
+
+def test_the_recipe_runs_existing_configs_and_trains_only_what_it_ships():
+    """Every `--config` build_default.sh passes exists and parses with its script's options; no stage trains the
+    contrastive CLIP; the UNet stage reads its text tower's tokenizer and width from the shipped default and trains
+    the tower's weights from fresh with the UNet."""
+    script = (REPO / "train" / "build_default.sh").read_text()
+    stages = re.findall(r"train/(train_\w+)\.py --config (train/configs/\S+\.yaml)", script)
+    assert [name for name, _ in stages] == ["train_vae", "train_vae", "train_t2i"]
+    classes = {"train_vae": vae.VaeConfig, "train_t2i": T2IConfig}
+    configs = {path: parse_config(["--config", str(REPO / path)], classes[name]) for name, path in stages}
+    unet = configs["train/configs/shapes_t2i.yaml"]
+    tower = REPO / unet.pretrained_text_encoder_name_or_path
+    assert (tower / "text_encoder" / "config.json").is_file() and (tower / "tokenizer").is_dir()
+    assert unet.train_text_encoder and unet.text_encoder_init == "random"
+    assert unet.pretrained_vae_model_name_or_path.startswith(
+        configs["train/configs/shapes_vae_refine.yaml"].output_dir
+    )
+    assert "train_clip" not in script.split("set -euo pipefail")[1]

@@ -4,6 +4,7 @@ training extras' message."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,29 @@ def test_training_says_which_extras_are_missing():
     code = "import sys; sys.modules['datasets'] = None; import train"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "training needs datasets" in done.stderr and ".[train]" in done.stderr
+
+
+def test_the_command_line_and_generate_import_only_what_they_use():
+    """`latentdiff --help` imports none of torch and the libraries over it; `latentdiff generate`'s modules import
+    none of training, the bench, the web UI, the other pipelines or datasets (start-up time spent for nothing)."""
+    code = (
+        "import json, sys; import latentdiff.cli; cli = sorted(sys.modules); "
+        "import latentdiff.generate, pipelines.latent_pipeline; print(json.dumps([cli, sorted(sys.modules)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli, generate = json.loads(done.stdout.strip().splitlines()[-1])
+    heavy = {"torch", "diffusers", "transformers", "peft", "accelerate", "datasets"}
+    assert not heavy & {name.split(".")[0] for name in cli}
+    unused = (
+        "train",
+        "datasets",
+        "latentdiff.eval",
+        "latentdiff.webui",
+        "latentdiff.bench_edits",
+        "latentdiff.edit",
+    )
+    unused += ("pipelines.controlnet", "pipelines.img2img_pipeline", "pipelines.inpaint_pipeline")
+    assert [
+        name for name in generate if name in unused or name.startswith(tuple(u + "." for u in unused))
+    ] == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -90,6 +91,7 @@ def test_latentdiff_generate_uses_the_default(tmp_path, capsys):
     assert cli.main(["generate", GUARD_PROMPTS[0], "-o", str(out), "--seed", "0"]) == 0
     assert f"saved {out}" in capsys.readouterr().out
     assert Image.open(out).size == (64, 64)
+    assert gc.isenabled()  # generate pauses garbage collection while it runs, and only then
 
 
 def test_bench_refuses_a_folder_that_is_not_a_pipeline(tmp_path, capsys):

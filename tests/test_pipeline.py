@@ -377,3 +377,25 @@ def test_generate_checks_the_output_folder_before_loading_a_model(tmp_path, monk
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
     with pytest.raises(ValueError, match="--model"):
         generate("a red circle", tmp_path / "out.png")
+
+
+def test_the_text_encoder_loads_as_transformers_loads_it(tiny_sd_dir, tmp_path):
+    """load_text_encoder builds CLIPTextModel from its config and the stored tensors: the same parameters, position
+    ids and outputs as CLIPTextModel.from_pretrained; a sharded folder goes through from_pretrained."""
+    from transformers import CLIPTextModel
+
+    from pipelines.loading import load_text_encoder
+
+    folder = tiny_sd_dir / "text_encoder"
+    ours, theirs = load_text_encoder(folder), CLIPTextModel.from_pretrained(folder).eval()
+    assert not ours.training and ours.dtype == torch.float32
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(t, theirs.state_dict()[n]) for n, t in ours.state_dict().items())
+    assert [torch.equal(a, b) for a, b in zip(ours.buffers(), theirs.buffers())] == [True]  # position ids
+    ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.max_position_embeddings))
+    assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+    assert load_text_encoder(folder, torch.bfloat16).dtype == torch.bfloat16
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    sharded = load_text_encoder(tmp_path / "sharded")
+    assert torch.equal(sharded(ids).last_hidden_state, theirs(ids).last_hidden_state)
