@@ -110,3 +110,81 @@ def test_a_known_token_a_wrong_width_and_a_missing_file_are_refused(pipe, tmp_pa
 def test_the_web_ui_layout_loads_under_the_file_name(pipe, tmp_path):
     save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "shiny.safetensors"))
     assert pipe.load_textual_inversion(tmp_path / "shiny.safetensors") == "shiny"
+
+
+# ---- training: train/train_textual_inversion.py -------------------------------------------------------------------
+
+
+def ti_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
+    """A tiny run: 9 images (one corrupt), batch 2; `circle` in the captions is read as the new word `<round>`."""
+    values = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "output_dir": out,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": 3,
+        "learning_rate": 5e-2,
+        "adam_weight_decay": 1e-2,  # AdamW's decay would move every row it were given: only v* is
+        "lr_warmup_steps": 0,
+        "seed": 0,
+        "report_to": "none",
+        "checkpointing_steps": 3,
+        "placeholder_token": "<round>",
+        "initializer_token": "square",
+        "num_vectors": 2,
+        "replace_word": "circle",
+        **flags,
+    }
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
+def test_training_changes_only_the_new_rows_and_exports_a_loadable_file(
+    tiny_sd_dir, train_data, tmp_path, monkeypatch
+):
+    from train import train_textual_inversion
+
+    seen = {}
+    add = train_textual_inversion.add_placeholder
+
+    def add_and_keep(cfg, models, dtype):  # the run's models, and E before S* is added
+        seen["before"] = models.text_encoder.get_input_embeddings().weight.detach().clone()
+        seen["models"] = models
+        trained = add(cfg, models, dtype)
+        seen["start"] = trained.vectors.detach().clone()
+        seen["unet"] = {k: v.clone() for k, v in models.unet.state_dict().items()}
+        return trained
+
+    monkeypatch.setattr(train_textual_inversion, "add_placeholder", add_and_keep)
+    out = tmp_path / "run"
+    assert train_textual_inversion.main(ti_args(tiny_sd_dir, train_data, out)) == 0
+    models = seen["models"]
+    square = models.tokenizer.convert_tokens_to_ids("square</w>")
+    embedding = models.text_encoder.get_input_embeddings().weight
+    assert torch.equal(
+        embedding[: len(seen["before"])], seen["before"]
+    )  # every row there before: bit-identical
+    assert torch.equal(embedding[-2:], seen["before"][[square, square]])  # E's new rows are not even written
+    assert all(torch.equal(v, seen["unet"][k]) for k, v in models.unet.state_dict().items())
+    saved = load_file(str(out / "learned_embeds.safetensors"))
+    assert list(saved) == ["<round>"] and saved["<round>"].shape == (2, 32)
+    assert torch.equal(seen["start"], seen["before"][[square, square]])  # v* starts as the initializer ...
+    assert (saved["<round>"] - seen["start"]).abs().min() > 0  # ... and every coordinate trained
+    assert sorted(load_file(str(out / "checkpoint-3" / "model.safetensors"))) == ["model.vectors"]  # v* alone
+    pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
+    pipe.load_textual_inversion(out)
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-2:], saved["<round>"])
+
+
+def test_a_placeholder_the_tokenizer_knows_is_refused(tiny_sd_dir, train_data, tmp_path):
+    from train import train_textual_inversion
+    from train.loop_config import ConfigError
+
+    with pytest.raises(ConfigError, match="'star' is already in the tokenizer's vocabulary"):
+        train_textual_inversion.main(
+            ti_args(tiny_sd_dir, train_data, tmp_path / "a", placeholder_token="star")
+        )
+    with pytest.raises(ConfigError, match="initializer token 'squares' is [0-9]+ tokens"):
+        train_textual_inversion.main(
+            ti_args(tiny_sd_dir, train_data, tmp_path / "b", initializer_token="squares")
+        )
