@@ -776,7 +776,9 @@ def test_kohya_save_format_loads_back_to_the_same_images(pipe, loaded, tmp_path)
 
 def test_train_lora_save_format_kohya_writes_kohya_keys(tiny_sd_dir, train_data, tmp_path):
     out = tmp_path / "run"
-    assert train_lora.main(lora_args(tiny_sd_dir, train_data, out, max_train_steps=1, save_format="kohya")) == 0
+    assert (
+        train_lora.main(lora_args(tiny_sd_dir, train_data, out, max_train_steps=1, save_format="kohya")) == 0
+    )
     keys = load_file(str(out / lora.LORA_WEIGHTS_NAME))
     assert keys and all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
     pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
