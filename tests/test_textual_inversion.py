@@ -188,3 +188,13 @@ def test_a_placeholder_the_tokenizer_knows_is_refused(tiny_sd_dir, train_data, t
         train_textual_inversion.main(
             ti_args(tiny_sd_dir, train_data, tmp_path / "b", initializer_token="squares")
         )
+
+
+def test_bench_word_flag_writes_the_token_where_the_prompt_says_the_word():
+    from latentdiff.cli import _parse_words, _replace_words
+
+    words = _parse_words(["star=<star>"])
+    assert _replace_words("a small red star in the top left", words) == "a small red <star> in the top left"
+    assert _replace_words("a red stars", words) == "a red stars"  # whole words only
+    with pytest.raises(SystemExit, match="expected WORD=TOKEN"):
+        _parse_words(["star"])
