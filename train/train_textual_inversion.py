@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     models = build_models(cfg, files, accelerator.device, weight_dtype_of(accelerator))
     task = TextualInversionTask(cfg, models, accelerator, seed)
-    train_set, holdout, collate = task.datasets(data)  # before S* is added: the latent cache of the model is reused
+    train_set, holdout, collate = task.datasets(
+        data
+    )  # before S* is added: the latent cache of the model is reused
     trained = add_placeholder(cfg, models, weight_dtype_of(accelerator))  # S* in the tokenizer; v* trains
     task.attach_holdout(holdout, collate)
     trainer = Trainer(
