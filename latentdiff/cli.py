@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import gc
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     loras = [validation.parse_lora_spec(spec) for spec in args.lora]
     for path, _ in loras:
         find_lora_file(path)
+    words = _parse_words(args.word)
     for name in ("grid", "json"):  # check where the results go before the bench runs
         if getattr(args, name):
             validation.check_output_file(Path(getattr(args, name)), overwrite=True, name=f"--{name}")
@@ -227,12 +229,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     steps, guidance = pipe.resolve_sampling(args.steps, args.guidance)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
+    for path in args.textual_inversion:
+        pipe.load_textual_inversion(path)
 
     def make_generate_fn(steps: int, guidance: float):
         def generate_fn(texts: list[str], seeds: list[int]) -> list:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
             return pipe(
-                texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+                [_replace_words(text, words) for text in texts],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
             ).images
 
         return generate_fn
@@ -244,6 +251,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "steps": steps,
         "guidance_scale": guidance,
         "lora": args.lora,
+        "textual_inversion": args.textual_inversion,
+        "words": words,
     }
     image_size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     if sweep is not None:
@@ -272,6 +281,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.grid:
         print(f"saved a sample grid to {args.grid}")
     return _write_json(result, args.json)
+
+
+def _parse_words(specs: list[str]) -> dict[str, str]:
+    """{WORD: TOKEN} of `--word WORD=TOKEN` flags; SystemExit naming a malformed one."""
+    words = {}
+    for spec in specs:
+        word, sep, token = spec.partition("=")
+        if not sep or not word.strip() or not token.strip():
+            raise SystemExit(f"latentdiff bench: --word {spec!r}: expected WORD=TOKEN, e.g. star='<star>'.")
+        words[word.strip()] = token.strip()
+    return words
+
+
+def _replace_words(text: str, words: dict[str, str]) -> str:
+    """`text` with each whole WORD written as its TOKEN."""
+    for word, token in words.items():
+        text = re.sub(rf"\b{re.escape(word)}\b", token, text)
+    return text
 
 
 def _write_json(result: dict, path: str | None) -> int:
@@ -400,6 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter (repeatable)"
+    )
+    bench.add_argument(
+        "--textual-inversion",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a learned embedding (learned_embeds.safetensors or its folder) whose word the prompts may use "
+        "(repeatable; see --word)",
+    )
+    bench.add_argument(
+        "--word",
+        action="append",
+        default=[],
+        metavar="WORD=TOKEN",
+        help="generate with TOKEN where a prompt says WORD, score against the prompt as written (e.g. "
+        "star='<star>' for a textual inversion of the star; repeatable)",
     )
     bench.add_argument("--grid", default="shapesbench_grid.png", help="where to save a sample grid PNG")
     bench.add_argument(

@@ -52,6 +52,7 @@ from pipelines.classifier_guidance import (
 from pipelines.inversion import InversionMixin
 from pipelines.loading import load_parts, model_dir
 from pipelines.lora_mixin import LoraMixin
+from pipelines.textual_inversion_mixin import TextualInversionMixin
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-class LatentPipeline(InversionMixin, LoraMixin):
+class LatentPipeline(InversionMixin, LoraMixin, TextualInversionMixin):
     """Text-to-image generation with classifier-free guidance over a VAE latent space.
 
     `LatentPipeline()` loads the embedded default model; `LatentPipeline(unet, scheduler, vae, text_encoder,
@@ -608,7 +609,7 @@ class LatentPipeline(InversionMixin, LoraMixin):
                     f"negative prompt (a str, used for all) or a list of {num_prompts}."
                 )
         # one text-encoder batch for everything to encode: [negatives..., prompts...]
-        texts = (negatives or []) + (prompts or [])
+        texts = self.maybe_convert_prompt((negatives or []) + (prompts or []))  # multi-vector placeholders
         self._warn_unknown_words(texts)
         encoded = encode_prompts(self.tokenizer, self.text_encoder, texts) if texts else None
         if prompts is not None:
@@ -642,6 +643,8 @@ class LatentPipeline(InversionMixin, LoraMixin):
         vocabulary = closed_vocabulary(self.tokenizer)
         if vocabulary is None:
             return
+        added = self.tokenizer.added_tokens_encoder  # placeholders of textual inversion are words it knows
+        texts = [" ".join(word for word in text.split() if word not in added) for text in texts]
         unknown = list(dict.fromkeys(w for text in texts for w in unknown_words(text, vocabulary)))
         if unknown:
             logger.warning(

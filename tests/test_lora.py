@@ -727,3 +727,60 @@ def test_lora_run_saves_only_the_adapter_and_resume_equals_the_uninterrupted_run
     base = latents(pipe)
     pipe.load_lora_weights(whole)
     assert (latents(pipe) - base).abs().max() > 1e-3
+
+
+def test_kohya_save_format_loads_back_to_the_same_images(pipe, loaded, tmp_path):
+    """An adapter (UNet with a per-module alpha, and text encoder) written in kohya's keys reads back, through the
+    kohya reader, as the very adapter written in diffusers' keys: the same images."""
+    unet = copy.deepcopy(pipe.unet)
+    spec = lora.LoraSpec(rank=4, alpha=2.0, target_modules=(*lora.ATTENTION_TARGETS, "ff.net.2"))
+    lora.add_lora(unet, spec, generator=seeded(1))
+    unet.peft_config["default"].alpha_pattern = {"ff.net.2": 8.0}  # a module with its own alpha
+    as_if_trained(unet, 1)
+    encoder = copy.deepcopy(pipe.text_encoder)
+    lora.add_lora(
+        encoder, lora.LoraSpec(rank=2, target_modules=lora.TEXT_ENCODER_TARGETS), generator=seeded(2)
+    )
+    as_if_trained(encoder, 2, std=0.2)
+    for save_format in lora.SAVE_FORMATS:
+        lora.save_lora(tmp_path / save_format, unet=unet, text_encoder=encoder, save_format=save_format)
+    keys = load_file(str(tmp_path / "kohya" / lora.LORA_WEIGHTS_NAME))
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    ff = next(v for k, v in keys.items() if k.endswith("ff_net_2.alpha"))
+    assert float(ff) == 8.0 and float(keys[next(k for k in keys if k.endswith("to_q.alpha"))]) == 2.0
+
+    def images_with(folder: Path) -> np.ndarray:
+        fresh = LatentPipeline(
+            copy.deepcopy(loaded.unet),
+            loaded.scheduler,
+            loaded.vae,
+            copy.deepcopy(loaded.text_encoder),
+            loaded.tokenizer,
+        )
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(folder)
+        return images(fresh)
+
+    diffusers_images, kohya_images = images_with(tmp_path / "diffusers"), images_with(tmp_path / "kohya")
+    assert np.abs(diffusers_images - images(pipe)).max() > 0.05  # the adapter matters ...
+    np.testing.assert_allclose(
+        kohya_images, diffusers_images, rtol=0, atol=1e-5
+    )  # ... and reads back the same
+    (
+        tmp_path / "kohya" / lora.LORA_CONFIG_NAME
+    ).unlink()  # the web UI's folder has the file alone: alphas inside
+    np.testing.assert_allclose(images_with(tmp_path / "kohya"), diffusers_images, rtol=0, atol=1e-5)
+
+
+def test_train_lora_save_format_kohya_writes_kohya_keys(tiny_sd_dir, train_data, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        train_lora.main(lora_args(tiny_sd_dir, train_data, out, max_train_steps=1, save_format="kohya")) == 0
+    )
+    keys = load_file(str(out / lora.LORA_WEIGHTS_NAME))
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
+    pipe.load_lora_weights(out)
+    assert pipe.get_list_adapters()["unet"] == ["default_0"]

@@ -183,7 +183,10 @@ def test_bench_prompts_are_fixed_and_state_every_attribute():
 def test_perfect_and_wrong_generators_score_one_and_zero():
     prompts = bench_prompts(ALL_GROUPS, per_group=12)
     perfect = score([render_prompt(p.text, p.seed) for p in prompts], prompts)
-    assert set(perfect) == set(ALL_GROUPS)
+    assert set(perfect) == {*ALL_GROUPS, "star_small", "star_large"}  # the star group also by the star's size
+    small = [p for p in prompts if p.group == "star" and " small " in p.text]
+    assert perfect["star_small"]["num_prompts"] == len(small) > 0
+    assert perfect["star_small"]["num_prompts"] + perfect["star_large"]["num_prompts"] == 12
     for group in ALL_GROUPS:
         assert all(perfect[group][m] == 1.0 for m in METRICS if m != "fidelity"), group
         assert 0.96 <= perfect[group]["fidelity"] <= 1.0, group  # anti-aliasing is all a rendered shape loses
@@ -281,6 +284,11 @@ def test_star_vae_ceiling_scores_star_scenes():
     """star_only scores reconstructions of single-star scenes: perfect through an identity VAE, and a VAE that
     blurs (an 8x8 average pool and nearest up-sampling) loses the star's points."""
     assert vae_ceiling(IdentityVAE(), num_scenes=12, size=64, star_only=True)["full_match"] == 1.0
+    small, large = (
+        vae_ceiling(IdentityVAE(), num_scenes=12, size=64, star_only=True, star_size=size)["num_prompts"]
+        for size in ("small", "large")
+    )
+    assert small + large == 12 and small > 0 and large > 0  # the same scenes, split by the star's size
 
     class BlurVAE(IdentityVAE):
         def decode(self, latents):

@@ -826,16 +826,21 @@ def test_input_perturbation_moves_the_unet_input_not_the_target(
 @pytest.mark.parametrize(
     "name, task",
     [("example_t2i", "t2i"), ("shapes_t2i", "t2i"), ("shapes_vae", "vae"), ("shapes_vae_refine", "vae"),
-     ("shapes_clip", "clip"), ("shapes_lora_star", "lora"), ("shapes_classifier", "classifier")],
+     ("shapes_clip", "clip"), ("shapes_lora_star", "lora"), ("shapes_classifier", "classifier"),
+     ("shapes_dreambooth_star", "dreambooth"), ("shapes_textual_inversion_star", "textual_inversion"),
+     ("shapes_vae_star_decoder", "vae")],
 )  # fmt: skip
 def test_every_shipped_yaml_config_parses_with_its_task_config(name, task):
     from train.tasks.classifier import ClassifierTaskConfig
     from train.tasks.clip import ClipConfig
+    from train.tasks.dreambooth import DreamBoothConfig
     from train.tasks.lora import LoraConfig
+    from train.tasks.textual_inversion import TextualInversionConfig
     from train.tasks.vae import VaeConfig
 
     config_class = {
-        "t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig, "classifier": ClassifierTaskConfig
+        "t2i": T2IConfig, "vae": VaeConfig, "clip": ClipConfig, "lora": LoraConfig, "classifier": ClassifierTaskConfig,
+        "dreambooth": DreamBoothConfig, "textual_inversion": TextualInversionConfig,
     }[task]  # fmt: skip
     cfg = parse_config(["--config", str(REPO / "train" / "configs" / f"{name}.yaml")], config_class)
     assert type(cfg) is config_class and cfg.train_data_dir

@@ -4,9 +4,10 @@
     accelerate launch ... train/train_lora.py --pretrained_model_name_or_path PATH --train_data_dir DATA --rank 8
 
 Options: `python train/train_lora.py --help`: every flag of train_t2i.py plus --rank, --lora_alpha, --lora_dropout,
---lora_targets and --train_text_encoder. At the end --output_dir holds the adapter (pytorch_lora_weights.safetensors
-and lora_config.json, diffusers' layout: `LatentPipeline.load_lora_weights(output_dir)`, `latentdiff generate
---lora output_dir`), next to its checkpoints, validation grids and logs.
+--lora_targets, --train_text_encoder and --save_format. At the end --output_dir holds the adapter
+(pytorch_lora_weights.safetensors and lora_config.json, in diffusers' keys, or kohya's with --save_format kohya for
+the web UIs: `LatentPipeline.load_lora_weights(output_dir)`, `latentdiff generate --lora output_dir` read both), next
+to its checkpoints, validation grids and logs.
 """
 
 from __future__ import annotations

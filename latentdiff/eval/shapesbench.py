@@ -63,6 +63,7 @@ BENCH_SEED = 7  # seed of the fixed prompt set
 DETECTOR_SEED = 11  # seed of the rendered scenes the detector and the VAE ceiling are scored on
 GROUPS: tuple[str, ...] = ("single", "two", "held_out")  # the default run
 STAR_GROUP = "star"
+STAR_SIZES = ("small", "large")  # the star group is also scored per size: `star_small`, `star_large`
 ALL_GROUPS: tuple[str, ...] = (*GROUPS, STAR_GROUP)
 PROMPTS_PER_GROUP = 48
 STAR_SEED_OFFSET = 1  # star scenes of the star VAE ceiling: their own stream of DETECTOR_SEED
@@ -252,19 +253,32 @@ def score(images: Sequence, prompts: Sequence[BenchPrompt | str]) -> dict[str, d
     results: dict[str, list[PromptResult]] = {}
     for image, prompt in zip(images, bench):
         results.setdefault(prompt.group, []).append(evaluate(image, prompt.text))
-    return {group: _summarise(group_results) for group, group_results in results.items()}
+    summary = {group: _summarise(group_results) for group, group_results in results.items()}
+    for size in STAR_SIZES:  # the star group by size: a small star is about 3 latent pixels across
+        sized = [r for r in results.get(STAR_GROUP, []) if r.caption.objects[0].size == size]
+        if sized:
+            summary[f"{STAR_GROUP}_{size}"] = _summarise(sized)
+    return summary
 
 
 def _render_scenes(
-    num_scenes: int, size: int, seed: int, include_star: bool, star_only: bool = False
+    num_scenes: int,
+    size: int,
+    seed: int,
+    include_star: bool,
+    star_only: bool = False,
+    star_size: str | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Fresh scenes of every composition (held-out pairs included) with their full captions; include_star: every
-    fourth scene is a star-only one; star_only: single-star scenes only, from their own stream of `seed`."""
+    fourth scene is a star-only one; star_only: single-star scenes only, from their own stream of `seed`;
+    star_size: of those, only the ones whose star has this size (about half)."""
     samples = []
     for index in range(num_scenes):
         if star_only:
             rng = np.random.default_rng([seed, STAR_SEED_OFFSET, index])
             scene = sample_scene(rng, num_objects=1, star_only=True)
+            if star_size is not None and describe_scene(scene).objects[0].size != star_size:
+                continue
         else:
             rng = np.random.default_rng([seed, index])
             scene = sample_scene(rng, allow_held_out=True, star_only=include_star and index % 4 == 3)
@@ -291,16 +305,20 @@ def vae_ceiling(
     batch_size: int = 16,
     progress: bool = False,
     star_only: bool = False,
+    star_size: str | None = None,
 ) -> dict[str, float | int | None]:
     """The detector scored on the detector_accuracy scenes after an encode and decode by `vae` (a
     diffusers.AutoencoderKL; latents are the posterior mean): the most a generator through this VAE can reach.
     Runs on the VAE's device and dtype. size: the image side, divisible by the VAE's down-sampling factor.
-    star_only: score single-star scenes instead (the most a star LoRA on this VAE can reach)."""
+    star_only: score single-star scenes instead (the most a star LoRA on this VAE can reach); star_size: only
+    those of this size."""
     import torch
 
     from latentdiff.conditioning import decode_latents, encode_images
 
-    samples = _render_scenes(num_scenes, size, seed, include_star=False, star_only=star_only)
+    samples = _render_scenes(
+        num_scenes, size, seed, include_star=False, star_only=star_only, star_size=star_size
+    )
     decoded: list[Image.Image] = []
     batches = range(0, len(samples), batch_size)
     with torch.inference_mode():
@@ -342,7 +360,7 @@ def run_bench(
 
     Returns {"single": {...}, "two": {...}, "held_out": {...}, "detector": {...}, "vae_ceiling": {...},
     "settings": {...}}, each score dict holding METRICS and num_prompts; with star prompts and a vae, also
-    "vae_ceiling_star" (the VAE ceiling on single-star scenes).
+    "vae_ceiling_star" (the VAE ceiling on single-star scenes; `vae_ceiling_star_small`/`_large` by star size).
     """
     prompts = list(prompts) if prompts is not None else bench_prompts()
     images = generate_images(generate_fn, prompts, batch_size, progress)
@@ -407,6 +425,10 @@ def reference_scores(
         rows["vae_ceiling_star"] = vae_ceiling(
             vae, detector_scenes, image_size, progress=progress, star_only=True
         )
+        for size in STAR_SIZES:
+            rows[f"vae_ceiling_star_{size}"] = vae_ceiling(
+                vae, detector_scenes, image_size, progress=progress, star_only=True, star_size=size
+            )
     return rows
 
 
@@ -422,11 +444,11 @@ def _interleave_groups(prompts: Sequence[BenchPrompt], count: int) -> list[int]:
 def format_table(result: dict) -> str:
     """A plain-text table of a run_bench result: one row per group, one column per metric."""
     rows = [name for name in result if name != "settings"]
-    header = f"{'group':<12}" + "".join(f"{m:>12}" for m in METRICS)
+    header = f"{'group':<24}" + "".join(f"{m:>12}" for m in METRICS)
     lines = [header, "-" * len(header)]
     for name in rows:
         cells = [result[name].get(m) for m in METRICS]
-        lines.append(f"{name:<12}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells))
+        lines.append(f"{name:<24}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells))
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ project's adapters and this project loads diffusers':
 UNet); the older diffusers formats `<module>.lora.down.weight` / `.lora.up.weight` and
 `<block>.processor.to_q_lora.down.weight`; and kohya's `lora_unet_<module_with_underscores>.lora_down.weight` with
 its `.alpha` (module names are matched against the model, so its underscores are not guessed). A file without alphas
-gets α = r (scale 1), as diffusers assumes.
+gets α = r (scale 1), as diffusers assumes. `save_lora(..., save_format="kohya")` writes kohya's keys (with every
+module's `.alpha`), the layout the web UIs (AUTOMATIC1111, ComfyUI) load.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PEFT_WEIGHTS_NAME = (
 )
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key for the LoRA configs
 COMPONENTS = ("unet", "text_encoder")  # the parts of a pipeline an adapter file may hold, by key prefix
+SAVE_FORMATS = ("diffusers", "kohya")  # the key layouts save_lora writes
 
 
 def _file_module_name(component: str, name: str, model: nn.Module) -> str:
@@ -50,21 +52,56 @@ def _file_module_name(component: str, name: str, model: nn.Module) -> str:
     return name
 
 
+def _module_alpha(config: dict[str, Any], module: str) -> float:
+    """α of one adapted module: its `alpha_pattern` entry (a module name or a suffix of it), else `lora_alpha`."""
+    for pattern, alpha in config["alpha_pattern"].items():
+        if module == pattern or module.endswith("." + pattern):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def _kohya_tensors(
+    component: str, model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """One part's adapter in kohya's keys: `lora_unet_<module_with_underscores>.lora_down.weight` (A),
+    `.lora_up.weight` (B) and `.alpha` (α, a 0-d tensor; the update is (α / r)·B·A)."""
+    if config["use_rslora"]:
+        raise ValueError(
+            "an rsLoRA adapter (scale α/√r) has no kohya form (kohya scales by α/r): save it in diffusers' format."
+        )
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
+    tensors = {}
+    for key, tensor in state.items():
+        module, _, suffix = key.rpartition(".lora_")
+        flat = prefix + _file_module_name(component, module, model).replace(".", "_")
+        role = {"A.weight": "lora_down", "B.weight": "lora_up"}[suffix]
+        tensors[f"{flat}.{role}.weight"] = tensor
+        tensors[f"{flat}.alpha"] = torch.tensor(_module_alpha(config, module))
+    return tensors
+
+
 def save_lora(
     save_directory: str | os.PathLike,
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
     adapter_name: str = "default",
     model_card: str | None = None,
+    save_format: str = "diffusers",
 ) -> Path:
-    """Write one adapter of the UNet and/or text encoder in diffusers' layout (see the module docstring), with a
-    model card `README.md` (`model_card`, default `latentdiff.model_card.lora_card`).
+    """Write one adapter of the UNet and/or text encoder (see the module docstring), with a model card `README.md`
+    (`model_card`, default `latentdiff.model_card.lora_card`).
 
+    Args:
+        save_format: "diffusers" (keys `unet.<module>.lora_A.weight`, configs in the metadata) or "kohya" (the
+            web UI's and kohya's sd-scripts' keys `lora_unet_<module>.lora_down.weight` with `.alpha`, which
+            AUTOMATIC1111/ComfyUI load; `read_lora_file` reads both).
     Returns:
         The path of `pytorch_lora_weights.safetensors`.
     """
     from safetensors.torch import save_file
 
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save_format={save_format!r} is not one of {', '.join(SAVE_FORMATS)}.")
     parts = {
         name: model for name, model in (("unet", unet), ("text_encoder", text_encoder)) if model is not None
     }
@@ -75,23 +112,34 @@ def save_lora(
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, dict[str, Any]] = {}
     for component, model in parts.items():
-        for key, tensor in adapter_state_dict(model, adapter_name).items():
+        configs[component] = adapter_config(model, adapter_name)
+        state = adapter_state_dict(model, adapter_name)
+        if save_format == "kohya":
+            tensors.update(_kohya_tensors(component, model, state, configs[component]))
+            continue
+        for key, tensor in state.items():
             module, _, suffix = key.rpartition(".lora_")
             tensors[f"{component}.{_file_module_name(component, module, model)}.lora_{suffix}"] = tensor
-        configs[component] = adapter_config(model, adapter_name)
     packed = {
         f"{component}.{key}": value for component, config in configs.items() for key, value in config.items()
     }
+    if save_format == "kohya":  # what kohya's sd-scripts write (rank and alpha of the UNet's adapter)
+        first = next(iter(configs.values()))
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(first["r"]),
+            "ss_network_alpha": str(first["lora_alpha"]),
+        }
+    else:
+        metadata = {METADATA_KEY: json.dumps(packed, sort_keys=True)}
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHTS_NAME
     partial = directory / (LORA_WEIGHTS_NAME + ".partial")
-    save_file(
-        tensors, str(partial), metadata={"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
-    )
+    save_file(tensors, str(partial), metadata={"format": "pt", **metadata})
     os.replace(partial, path)  # never a half-written adapter under the real name
     (directory / LORA_CONFIG_NAME).write_text(
-        json.dumps({"weights": LORA_WEIGHTS_NAME, "format": "diffusers", **configs}, indent=2) + "\n"
+        json.dumps({"weights": LORA_WEIGHTS_NAME, "format": save_format, **configs}, indent=2) + "\n"
     )
     (directory / CARD_NAME).write_text(model_card or lora_card(directory))
     return path

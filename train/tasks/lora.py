@@ -9,7 +9,8 @@ What differs from a full fine-tune (Hu et al. 2021; `latentdiff.lora` has the sy
 - checkpoints hold the trained parameters only, not a copy of the frozen model (`checkpoint_trained_parameters_only`),
   and resume restores them, the optimizer, the schedule and the data position exactly;
 - the export is the adapter alone: `pytorch_lora_weights.safetensors` + `lora_config.json` in --output_dir, loaded
-  by `LatentPipeline.load_lora_weights(output_dir)` or `latentdiff generate --lora output_dir`.
+  by `LatentPipeline.load_lora_weights(output_dir)` or `latentdiff generate --lora output_dir`; diffusers' keys, or
+  kohya's with `--save_format kohya` (for the web UIs).
 The loss, data and validation grids are `TextToImageTask`'s (with --train_text_encoder, the empty prompt of the
 classifier-free dropout goes through the adapted text encoder too).
 """
@@ -30,6 +31,7 @@ from latentdiff.lora import (
     ATTENTION_TARGETS,
     LORA_CONFIG_NAME,
     LORA_WEIGHTS_NAME,
+    SAVE_FORMATS,
     TARGET_GROUPS,
     TEXT_ENCODER_TARGETS,
     LoraSpec,
@@ -71,6 +73,12 @@ class LoraConfig(T2IConfig):
     )
     train_text_encoder: bool = flag(
         False, f"Also adapt the text encoder's attention ({' '.join(TEXT_ENCODER_TARGETS)})."
+    )
+    save_format: str = flag(
+        "diffusers",
+        "Key layout of the saved adapter: diffusers (unet.<module>.lora_A.weight, what diffusers loads) or kohya "
+        "(lora_unet_<module>.lora_down.weight with .alpha, what the AUTOMATIC1111/ComfyUI web UIs load).",
+        choices=SAVE_FORMATS,
     )
     output_dir: str = flag("sd-model-lora", "Where checkpoints, logs, validation images and the adapter go.")
 
@@ -191,7 +199,13 @@ class LoraTask(TextToImageTask):
                         "targets": " ".join(self.cfg.lora_targets),
                     },
                 )
-                path = save_lora(out, unet=unet, text_encoder=text_encoder, model_card=card)
+                path = save_lora(
+                    out,
+                    unet=unet,
+                    text_encoder=text_encoder,
+                    model_card=card,
+                    save_format=self.cfg.save_format,
+                )
             unet_adapter = sum(
                 p.numel() for name, p in self.models.unet.named_parameters() if ".lora_" in name
             )

@@ -127,11 +127,15 @@ class TextToImageTask:
 
     # ---- data ----
 
-    def datasets(self, dataset) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, Any]:
-        """(training dataset, held-out dataset or None, collate function). The last --validation_holdout rows are
-        held out. With --cache_latents the cache is built here (by the main process first)."""
+    def datasets(
+        self, dataset, holdout: int | None = None
+    ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, Any]:
+        """(training dataset, held-out dataset or None, collate function). The last `holdout` rows (default
+        --validation_holdout) are held out. With --cache_latents the cache is built here (by the main process
+        first)."""
         cfg = self.cfg
-        n_train = len(dataset) - cfg.validation_holdout
+        holdout = cfg.validation_holdout if holdout is None else holdout
+        n_train = len(dataset) - holdout
         transform = ImageTransform(cfg.resolution, cfg.center_crop)
         if cfg.cache_latents:
             with self.accelerator.main_process_first():
@@ -175,8 +179,8 @@ class TextToImageTask:
 
             collate = collate_text_image
         train = make(range(n_train), cfg.random_flip)
-        holdout = make(range(n_train, len(dataset)), False) if cfg.validation_holdout else None
-        return train, holdout, collate
+        held_out = make(range(n_train, len(dataset)), False) if holdout else None
+        return train, held_out, collate
 
     # ---- loss ----
 
@@ -241,6 +245,10 @@ class TextToImageTask:
 
     def compute_loss(self, model: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
         """The training loss of one micro-batch (mean over its samples); all randomness from `rng`."""
+        return self.sample_losses(model, batch, rng).mean()
+
+    def sample_losses(self, model: nn.Module, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor:
+        """The training loss of each sample of the micro-batch, (B,); all randomness from `rng`."""
         unet, trained_text_encoder = unet_and_text_encoder(model)
         if (
             trained_text_encoder is not None
@@ -266,9 +274,7 @@ class TextToImageTask:
             input_noise = noise + self.cfg.input_perturbation * rng.randn(*latents.shape[1:])
         extra = self.extra_channels(batch, rng)
         denoiser = self.denoiser(unet, batch)
-        return self.per_sample_loss(
-            denoiser, latents, prompt_embeds, noise, timesteps, input_noise, extra
-        ).mean()
+        return self.per_sample_loss(denoiser, latents, prompt_embeds, noise, timesteps, input_noise, extra)
 
     def extra_channels(self, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor | None:
         """Inputs the UNet reads next to z_t (none for text-to-image; `InpaintingTask` gives mask and image)."""
