@@ -17,6 +17,7 @@ place they meet.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -152,7 +153,7 @@ class LatentPipeline(InversionMixin, LoraMixin, TextualInversionMixin):
                 "text_encoder, tokenizer), or none for the embedded default."
             )
         self.unet = parts["unet"]
-        self.scheduler = parts["scheduler"]
+        self.scheduler = _no_latent_clipping(parts["scheduler"])
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
@@ -759,6 +760,28 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _no_latent_clipping(scheduler):
+    """The scheduler with `clip_sample` off, as diffusers' `StableDiffusionPipeline.__init__` sets it.
+
+    Clamping x̂₀ to [−1, 1] is meant for pixel-space models; latents are not bounded by 1, and diffusers' pipeline turns
+    the option off (with a FutureWarning) on any scheduler given to it. Doing the same here makes a scheduler built
+    with diffusers' defaults (`DDIMScheduler.from_config(pndm_config)`: clip_sample=True) draw the same images in
+    both pipelines. Works on diffusers' schedulers (ConfigMixin) and this project's (a dataclass config).
+    """
+    if getattr(scheduler.config, "clip_sample", False) is not True:
+        return scheduler
+    logger.warning(
+        "%s has clip_sample=True, which clamps the predicted latents to [-1, 1] (meant for pixels): turned off, as "
+        "diffusers' StableDiffusionPipeline does. Set clip_sample=False in the scheduler config to silence this.",
+        type(scheduler).__name__,
+    )
+    if hasattr(scheduler, "register_to_config"):  # diffusers' ConfigMixin keeps its config in a frozen dict
+        scheduler.register_to_config(clip_sample=False)
+    else:
+        scheduler.config = dataclasses.replace(scheduler.config, clip_sample=False)
+    return scheduler
 
 
 def _constructor_prompt(text: str | list[str] | tuple[str, ...], prompt: Any) -> str | list[str]:

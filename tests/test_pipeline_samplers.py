@@ -18,6 +18,7 @@ from PIL import Image
 from latentdiff.cli import SAMPLER_NAMES, main
 from latentdiff.schedulers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -92,6 +93,21 @@ def test_a_diffusers_scheduler_drives_latent_pipeline_as_stable_diffusion(pipe, 
     assert ours.std() > 0.01 and np.abs(ours - theirs).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("theirs_class", [diffusers.DDIMScheduler, diffusers.DDPMScheduler])
+def test_diffusers_ddim_and_ddpm_with_their_defaults_drive_latent_pipeline_as_stable_diffusion(
+    pipe, reference, theirs_class
+):
+    # Built from the folder's PNDM config, they take diffusers' default clip_sample=True; StableDiffusionPipeline
+    # turns it off when given the scheduler, and so must LatentPipeline (clamping latents to [-1, 1] ruins them).
+    config = dict(reference.scheduler.config)
+    ours_scheduler = theirs_class.from_config(config)
+    assert ours_scheduler.config.clip_sample is True
+    ours = images(with_scheduler(pipe, ours_scheduler), generators=False)
+    theirs = images(reference_with(reference, theirs_class.from_config(config)), generators=False)
+    assert ours_scheduler.config.clip_sample is False
+    assert ours.std() > 0.01 and np.abs(ours - theirs).max() <= TOLERANCE
+
+
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_own_samplers_give_stable_diffusions_images_with_diffusers_samplers(pipe, reference, name):
     theirs_class, ours_class, settings = SAMPLERS[name]
@@ -99,8 +115,13 @@ def test_own_samplers_give_stable_diffusions_images_with_diffusers_samplers(pipe
     ours = images(with_scheduler(pipe, ours_class.from_config(config, **settings)), generators=True)
     theirs = images(reference_with(reference, theirs_class.from_config(config, **settings)), generators=True)
     assert np.abs(ours - theirs).max() <= TOLERANCE
-    ddim = images(with_scheduler(pipe, DDIMScheduler.from_config(config)), generators=True)
-    assert np.abs(ours - ddim).max() > 1e-2  # the sampler matters
+    # The sampler matters: a sampler of the other family draws other images. Each is close to one of its own family:
+    # DDIM is Euler's method in x/sqrt(alpha_bar) against sigma (Karras et al. 2022, eq. 4), and Euler ancestral
+    # draws DDPM's ancestral steps; so deterministic samplers are set against DDPM, stochastic ones against DDIM.
+    stochastic = name in ("euler_a", "dpmpp_2m_sde-karras")
+    contrast_class = DDIMScheduler if stochastic else DDPMScheduler
+    contrast = images(with_scheduler(pipe, contrast_class.from_config(config)), generators=True)
+    assert np.abs(ours - contrast).max() > 1e-2
 
 
 def test_scheduler_swap_by_from_config_as_in_diffusers(pipe):

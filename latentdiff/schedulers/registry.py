@@ -113,7 +113,8 @@ def scheduler_from_folder_config(config: Mapping[str, Any]) -> Scheduler:
     PNDM (what Stable Diffusion folders ship) load DDIM, as does any other class (with a warning). DDIM gets
     ``clip_sample=False`` when the config does not set it: clamping x̂₀ to [-1, 1] is meant for pixels, and SD's
     latents are not bounded by 1 (PNDM configs never carry the key; diffusers' StableDiffusionPipeline forces it
-    off as well). An explicit ``clip_sample: true`` is kept.
+    off as well). An explicit ``clip_sample: true`` is kept here; ``LatentPipeline`` turns it off as diffusers'
+    pipeline does.
     """
     written_for = config.get("_class_name", "an unnamed scheduler")
     if written_for in SCHEDULER_CLASSES and written_for not in DDIM_READERS:
