@@ -263,6 +263,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_compiles_as_one_graph(tiny):
+    """torch.compile(fullgraph=True) needs the whole forward traced as one graph: for sampling (no grad), and for
+    training with gradient checkpointing, where dynamo also traces GEGLU's custom backward and the checkpoints.
+    dynamo's explain traces without compiling (seconds, where inductor's compile takes minutes on a CPU)."""
+    sample, timesteps, context = inputs(size=(8, 8))
+    training = copy.deepcopy(tiny).train()
+    training.enable_gradient_checkpointing()
+    with torch.no_grad():
+        sampling = torch._dynamo.explain(tiny)(sample, timesteps, context)
+    train = torch._dynamo.explain(training)(sample, timesteps, context)
+    for explanation in (sampling, train):
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 def test_save_load_round_trip_is_identical(tmp_path, tiny):
     tiny.save_pretrained(tmp_path / "model")
     assert (
