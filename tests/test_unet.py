@@ -325,6 +325,37 @@ def test_downsample_factor(tiny):
 # ---- files and configs it refuses ----
 
 
+def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path):
+    """The reader that loads weights without a second copy gives safetensors' own tensors, in every dtype and shape
+    (0-d, empty), casts only floating-point ones, and names a truncated file."""
+    from safetensors.torch import load_file, save_file
+
+    from latentdiff.models.weights_file import read_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 2, 2, generator=generator).bfloat16(),
+        "scalar": torch.tensor(1.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "steps": torch.arange(6, dtype=torch.int64),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    expected = load_file(str(path))
+    read = read_safetensors(path)
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+    cast = read_safetensors(path, torch.bfloat16)
+    assert cast["f32"].dtype == torch.bfloat16 and torch.equal(cast["f32"], expected["f32"].bfloat16())
+    assert cast["steps"].dtype == torch.int64
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(path)
+
+
 def test_pickle_weights_need_explicit_trust(tmp_path, tiny):
     tiny.save_pretrained(tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
