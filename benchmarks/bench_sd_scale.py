@@ -21,6 +21,7 @@ memory column is the peak rise during the step.
     python -m benchmarks.bench_sd_scale                    # SD 1.5 and 2.1, float32 and bfloat16, 3 repeats
     python -m benchmarks.bench_sd_scale --quick            # 1 repeat (after one warm-up call per model)
     python -m benchmarks.bench_sd_scale --quick --models sd15 --dtypes float32    # the shortest run
+    python -m benchmarks.bench_sd_scale --parts load       # load time and memory only (a minute or two)
 """
 
 from __future__ import annotations
@@ -191,18 +192,26 @@ def in_subprocess(task: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table_rows(model: str, dtype: str, folder: Path, repeats: int, threads: int | None) -> list[str]:
-    """The table's rows for one config and dtype: load, cfg step, train step."""
+def table_rows(
+    model: str, dtype: str, folder: Path, repeats: int, threads: int | None, parts: list[str]
+) -> list[str]:
+    """The table's rows for one config and dtype: load, then the cfg and train steps (those `parts` name)."""
     task = {"folder": str(folder), "dtype": dtype, "repeats": repeats, "threads": threads}
-    loads = [in_subprocess({**task, "kind": "load", "side": side}) for side in ("latentdiff", "diffusers")]
+    rows = []
+    if "load" in parts:
+        loads = [
+            in_subprocess({**task, "kind": "load", "side": side}) for side in ("latentdiff", "diffusers")
+        ]
+        weights = loads[0]["weights_mib"]
+        rows.append(
+            f"| {model} | {dtype} | load | {loads[0]['seconds']:.2f} | {loads[1]['seconds']:.2f} | "
+            f"{loads[1]['seconds'] / loads[0]['seconds']:.2f} | {loads[0]['peak_mib']:.0f} "
+            f"({loads[0]['peak_mib'] / weights:.2f}x) | {loads[1]['peak_mib']:.0f} "
+            f"({loads[1]['peak_mib'] / weights:.2f}x) |"
+        )
+    if "steps" not in parts:
+        return rows
     steps = in_subprocess({**task, "kind": "steps"})
-    weights = loads[0]["weights_mib"]
-    rows = [
-        f"| {model} | {dtype} | load | {loads[0]['seconds']:.2f} | {loads[1]['seconds']:.2f} | "
-        f"{loads[1]['seconds'] / loads[0]['seconds']:.2f} | {loads[0]['peak_mib']:.0f} "
-        f"({loads[0]['peak_mib'] / weights:.2f}x) | {loads[1]['peak_mib']:.0f} "
-        f"({loads[1]['peak_mib'] / weights:.2f}x) |"
-    ]
     labels = {
         "cfg": f"cfg step {CFG_LATENT}x{CFG_LATENT}",
         "train": f"train step {TRAIN_LATENT}x{TRAIN_LATENT}",
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=["sd15", "sd21"], choices=sorted(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--parts", nargs="+", default=["load", "steps"], choices=["load", "steps"])
     parser.add_argument("--quick", action="store_true", help="1 timed repeat per step instead of 3")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per model and step")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             folder = Path(tmp) / "unet"
             write_unet(CONFIGS[model], folder)
             for dtype in args.dtypes:
-                for row in table_rows(model, dtype, folder, repeats, args.threads):
+                for row in table_rows(model, dtype, folder, repeats, args.threads, args.parts):
                     print(row, flush=True)
 
 
