@@ -2,9 +2,10 @@
 
 `safetensors.torch.load_file` maps the file into memory: the mapped pages count in the process's resident memory
 as they are read, so a file loaded in another dtype (float32 weights as bfloat16) holds the mapped float32 file and
-the bfloat16 copies at once (3x the loaded weights at the peak). Here each tensor is read from the file into its own
-memory (`readinto`, no map: the kernel's page cache is not the process's memory) and cast at once, so the peak is the
-loaded weights plus the largest tensor in the file's dtype.
+the bfloat16 copies at once (3x the loaded weights at the peak). Here a tensor already in the asked dtype stays
+mapped (no copy: the fastest load, and the map is the weights), and a tensor to cast is read from the file into its
+own memory (`readinto`, no map: the kernel's page cache is not the process's memory) and cast at once, so the peak
+is the loaded weights plus the largest tensor in the file's dtype.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data, the
@@ -18,6 +19,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 DTYPES = {
     "F64": torch.float64,
@@ -35,9 +37,9 @@ DTYPES = {
 
 def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (already checked by `validation.check_safetensors_file`), floating-point
-    ones cast to `dtype` when given, each read into its own CPU memory."""
+    ones cast to `dtype` when given (those are read into their own CPU memory; the others stay mapped)."""
     tensors = {}
-    with open(path, "rb", buffering=0) as file:
+    with safe_open(str(path), framework="pt") as mapped, open(path, "rb", buffering=0) as file:
         (header_length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_length))
         header.pop("__metadata__", None)
@@ -46,12 +48,15 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
                 raise ValueError(
                     f"{path}: tensor {name!r} has dtype {entry['dtype']}, which this reader lacks"
                 )
+            stored = DTYPES[entry["dtype"]]
+            if dtype is None or stored == dtype or not stored.is_floating_point:
+                tensors[name] = mapped.get_tensor(name)  # mapped as it is
+                continue
             begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+            tensor = torch.empty(entry["shape"], dtype=stored)
             file.seek(8 + header_length + begin)
             _read_into(file, tensor.reshape(-1).view(torch.uint8).numpy(), end - begin, path)
-            cast = dtype is not None and tensor.is_floating_point()
-            tensors[name] = tensor.to(dtype) if cast else tensor
+            tensors[name] = tensor.to(dtype)
     return tensors
 
 
