@@ -17,8 +17,14 @@ The config is the first row of shared/FEASIBILITY.md: block_out_channels (64, 12
 level, cross-attention on the two upper levels and in the middle, 8 heads, cross_attention_dim 128, 4 latent
 channels; text length 77.
 
-    python -m benchmarks.bench_unet            # 7 timed repeats per case
-    python -m benchmarks.bench_unet --quick    # 3 timed repeats per case
+With `--compile` both UNets go through `torch.compile(fullgraph=True)` (inductor) first, and the table adds the
+first call of each case, which compiles (each new shape and train/eval switch compiles again), apart from the timed
+steps. `--profile` prints the ops that cost most in one step of each model (torch.profiler, self CPU time) instead.
+
+    python -m benchmarks.bench_unet                         # 7 timed repeats per case
+    python -m benchmarks.bench_unet --quick                 # 3 timed repeats per case
+    python -m benchmarks.bench_unet --quick --compile --sizes 16 --batches 64    # compiled against compiled
+    python -m benchmarks.bench_unet --profile --sizes 16 --batches 64          # the top ops of one train step
 """
 
 from __future__ import annotations
@@ -129,6 +135,23 @@ def saved_for_backward_mib(model: torch.nn.Module, loss: Step) -> float:
     return sum(storages.values()) / 2**20
 
 
+def print_profile(
+    models: tuple[torch.nn.Module, torch.nn.Module], mode: str, batch: int, size: int, text_len: int
+) -> None:
+    """The ops of one `mode` step of each model, most self CPU time first (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i, (name, model) in enumerate(zip(("latentdiff", "diffusers"), models)):
+        step = make_steps(model, i == 1, batch, size, text_len)[mode]
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"## {name}: one {mode} step, {size}x{size}, batch {batch}")
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
+        )
+
+
 def timed(step: Step, clock: Callable[[], float] = time.perf_counter) -> float:
     start = clock()
     step()
@@ -151,6 +174,13 @@ def main() -> None:
         default="wall",
         help="wall time, or this process's CPU time (steadier on a busy machine; use with --threads 1)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile both UNets (fullgraph=True) before timing"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top ops of one step of each model and stop"
+    )
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,10 +189,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         models = build_models(Path(directory))
+    if args.profile:
+        for mode in args.modes:
+            print_profile(models, mode, args.batches[0], args.sizes[0], args.text_len)
+        return
+    if args.compile:
+        for model in models:
+            model.compile(fullgraph=True)
     counts = [sum(p.numel() for p in model.parameters()) for model in models]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, params ours {counts[0]:,} / "
-        f"diffusers {counts[1]:,}, {repeats} repeats, {args.clock} clock, text length {args.text_len}\n"
+        f"diffusers {counts[1]:,}, {repeats} repeats, {args.clock} clock, text length {args.text_len}"
+        f"{', both compiled (fullgraph=True)' if args.compile else ''}\n"
     )
     columns = [
         "step",
@@ -179,16 +217,18 @@ def main() -> None:
         "ours saved MiB",
         "diffusers saved MiB",
     ]
+    if args.compile:
+        columns += ["ours first call s", "diffusers first call s"]  # the compile, apart from the timed steps
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
-    for mode in ("train", "infer"):
+    for mode in args.modes:
         for size in args.sizes:
             for batch in args.batches:
                 steps = [
                     make_steps(model, i == 1, batch, size, args.text_len) for i, model in enumerate(models)
                 ]
-                for step in steps:  # warm-up: first-call allocations, AdamW state
-                    step[mode]()
+                # warm-up: first-call allocations, AdamW state, and with --compile the compile
+                first = [timed(step[mode]) for step in steps]
                 times: list[list[float]] = [[], []]
                 peaks: list[list[float]] = [[], []]
                 for r in range(repeats):
@@ -200,14 +240,15 @@ def main() -> None:
                 t = [statistics.median(x) for x in times]
                 m = [statistics.median(x) for x in peaks]
                 saved = ["–", "–"]
-                if mode == "train":
+                if mode == "train" and not args.compile:  # saved-tensor hooks see eager autograd only
                     saved = [f"{saved_for_backward_mib(mo, st['loss']):.0f}" for mo, st in zip(models, steps)]
                     for model in models:
                         model.zero_grad(set_to_none=True)
                 print(
                     f"| {mode} | {size}x{size} | {batch} | {t[0] * 1e3:.0f} | {t[1] * 1e3:.0f} | "
                     f"{batch / t[0]:.0f} | {t[1] / t[0]:.2f} | {min(times[1]) / min(times[0]):.2f} | {m[0]:.0f} | {m[1]:.0f} | "
-                    f"{m[1] / max(m[0], 1e-9):.2f} | {saved[0]} | {saved[1]} |",
+                    f"{m[1] / max(m[0], 1e-9):.2f} | {saved[0]} | {saved[1]} |"
+                    + (f" {first[0]:.1f} | {first[1]:.1f} |" if args.compile else ""),
                     flush=True,
                 )
 

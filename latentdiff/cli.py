@@ -93,7 +93,9 @@ def _generate(args: argparse.Namespace) -> int:
         controlnet=args.controlnet,
         control_scale=args.control_scale,
     )
-    for path in generate(args.prompt, height=args.height, width=args.width, **guides, **settings):
+    for path in generate(
+        args.prompt, height=args.height, width=args.width, compile=args.compile, **guides, **settings
+    ):
         print(f"saved {path} (seed {settings['seed']})")
     return 0
 
@@ -341,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--control", default=None, metavar="IMAGE", help="ControlNet condition image")
     gen.add_argument("--controlnet", default=None, metavar="PATH", help="ControlNet folder for --control")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight (0: off)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (one graph) first: faster steps after a first one that compiles",
+    )
     gen.set_defaults(func=_cmd_generate)
 
     convert = commands.add_parser(

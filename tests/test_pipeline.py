@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 import pipelines.latent_pipeline as latent_pipeline_module
-from latentdiff import default_model
+from latentdiff import cli, default_model
 from latentdiff.conditioning import decode_latents, encode_prompts
 from latentdiff.generate import generate
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
@@ -342,6 +342,30 @@ def test_generate_writes_the_image_the_pipeline_makes(pipe, tiny_sd_dir, tmp_pat
         written = np.asarray(image.convert("RGB"))
     expected = pipe(PROMPTS[0], num_inference_steps=STEPS, generator=[seeded(7)]).images[0]
     np.testing.assert_array_equal(written, np.asarray(expected))
+
+
+def test_generate_compile_samples_through_one_compiled_graph(tiny_sd_dir, tmp_path, monkeypatch):
+    """`latentdiff generate --compile` runs the UNet as one torch.compile graph (fullgraph=True: a graph break would
+    raise) and draws the same image. Inductor's code generation is swapped for dynamo's eager backend, which traces
+    and guards the same graph in seconds instead of minutes."""
+    real_compile, asked = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        asked.append(kwargs)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = ["generate", PROMPTS[0], "--model", str(tiny_sd_dir), "--steps", "2", "--seed", "3"]
+    assert cli.main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert asked == [] and not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert cli.main([*args, "-o", str(tmp_path / "compiled.png"), "--compile"]) == 0
+    assert asked == [{"fullgraph": True}] and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    plain, compiled = (
+        np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("plain", "compiled")
+    )
+    np.testing.assert_array_equal(compiled, plain)
 
 
 def test_generate_several_images_as_grid_or_numbered_files(tiny_sd_dir, tmp_path):

@@ -263,6 +263,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_compiles_as_one_graph(tiny):
+    """torch.compile(fullgraph=True) needs the whole forward traced as one graph: for sampling (no grad), and for
+    training with gradient checkpointing, where dynamo also traces GEGLU's custom backward and the checkpoints.
+    dynamo's explain traces without compiling (seconds, where inductor's compile takes minutes on a CPU)."""
+    sample, timesteps, context = inputs(size=(8, 8))
+    training = copy.deepcopy(tiny).train()
+    training.enable_gradient_checkpointing()
+    with torch.no_grad():
+        sampling = torch._dynamo.explain(tiny)(sample, timesteps, context)
+    train = torch._dynamo.explain(training)(sample, timesteps, context)
+    for explanation in (sampling, train):
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 def test_save_load_round_trip_is_identical(tmp_path, tiny):
     tiny.save_pretrained(tmp_path / "model")
     assert (
@@ -309,6 +323,33 @@ def test_downsample_factor(tiny):
 
 
 # ---- files and configs it refuses ----
+
+
+def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path):
+    """The reader that loads weights without a second copy gives safetensors' own tensors, in every dtype and shape
+    (0-d, empty), and casts only floating-point ones."""
+    from safetensors.torch import load_file, save_file
+
+    from latentdiff.models.weights_file import read_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 2, 2, generator=generator).bfloat16(),
+        "scalar": torch.tensor(1.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "steps": torch.arange(6, dtype=torch.int64),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    expected = load_file(str(path))
+    for dtype in (None, torch.float32, torch.bfloat16):  # mapped, mapped or read, read and cast
+        read = read_safetensors(path, dtype)
+        assert read.keys() == expected.keys()
+        for name, tensor in expected.items():
+            want = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            assert read[name].dtype == want.dtype and torch.equal(read[name], want), (name, dtype)
 
 
 def test_pickle_weights_need_explicit_trust(tmp_path, tiny):

@@ -91,12 +91,9 @@ class _GatedGELU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (projection,) = ctx.saved_tensors
         value, gate = projection.chunk(2, dim=-1)
-        grad_projection = torch.empty_like(projection)
-        grad_value, grad_gate = grad_projection.chunk(2, dim=-1)
-        torch.mul(grad, F.gelu(gate), out=grad_value)  # ∂/∂value = GELU(gate)
-        # ∂/∂gate = value ⊙ GELU'(gate)
-        torch.ops.aten.gelu_backward.grad_input(grad * value, gate, grad_input=grad_gate)
-        return grad_projection
+        grad_value = grad * F.gelu(gate)  # ∂/∂value = GELU(gate)
+        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate)  # ∂/∂gate = value ⊙ GELU'(gate)
+        return torch.cat([grad_value, grad_gate], dim=-1)
 
 
 class GEGLU(nn.Module):

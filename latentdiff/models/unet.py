@@ -450,7 +450,8 @@ class UNetEncoderMixin:
                 f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
                 f"(B, L, {c.cross_attention_dim}) (cross_attention_dim={c.cross_attention_dim})"
             )
-        if not torch.is_autocast_enabled(sample.device.type):  # under autocast the layers cast for themselves
+        device_type = sample.device.type  # "meta" (shape and FLOP counting) has no autocast to ask about
+        if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # under autocast layers cast
             for name, tensor in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
                 if tensor.dtype != self.dtype:
                     raise TypeError(

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
+from latentdiff.models.weights_file import read_safetensors
 from latentdiff.validation import check_safetensors_file, read_json_file
 
 logger = logging.getLogger(__name__)
@@ -341,9 +342,11 @@ def load_weights(
 ) -> nn.Module:
     """A `model_class` (`ConditionalUNet` or `ControlNetModel`) of `config` (already read) with the weights of
     `directory`, in eval mode on the CPU."""
-    state = _load_weights(directory, allow_pickle, variant)
     dtype = torch_dtype or torch.float32
-    state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    state = _load_weights(directory, allow_pickle, variant, dtype)
+    state = {
+        name: tensor.to(dtype) for name, tensor in state.items()
+    }  # a pickle's (safetensors: cast already)
     with torch.device("meta"):
         model = model_class(config)
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
@@ -367,9 +370,12 @@ def load_weights(
     return model.eval()
 
 
-def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> dict[str, torch.Tensor]:
-    """The state dict in `directory`: one safetensors file, a sharded safetensors index or (if allowed) a
-    pickle. A variant goes before the last suffix, as in `diffusion_pytorch_model.fp16.safetensors`."""
+def _load_weights(
+    directory: Path, allow_pickle: bool, variant: str | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The state dict in `directory`: one safetensors file, a sharded safetensors index (both read tensor by tensor
+    into `dtype`, `latentdiff.models.weights_file`) or (if allowed) a pickle. A variant goes before the last
+    suffix, as in `diffusion_pytorch_model.fp16.safetensors`."""
 
     def named(name: str) -> Path:
         stem, suffix = name.rsplit(".", 1)
@@ -378,12 +384,12 @@ def _load_weights(directory: Path, allow_pickle: bool, variant: str | None) -> d
     single, index = named(WEIGHTS_NAME), named(WEIGHTS_NAME + ".index.json")
     if single.is_file():
         check_safetensors_file(single)
-        return load_file(str(single))
+        return read_safetensors(single, dtype)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         for shard in shards:
             check_safetensors_file(directory / shard)
-        return {name: t for shard in shards for name, t in load_file(str(directory / shard)).items()}
+        return {name: t for shard in shards for name, t in read_safetensors(directory / shard, dtype).items()}
     for pickle_file in (named(n) for n in PICKLE_WEIGHTS_NAMES):
         if pickle_file.is_file():
             if not allow_pickle:

@@ -81,6 +81,11 @@ class T2IConfig(LoopConfig):
     gradient_checkpointing: bool = flag(
         False, "Recompute UNet activations in the backward pass to save memory."
     )
+    compile: bool = flag(
+        False,
+        "torch.compile the UNet as one graph (fullgraph=True) before training: faster steps after a first step that "
+        "compiles (minutes on a CPU); see BENCHMARKS.md.",
+    )
 
     # ---- latent cache --------------------------------------------------------------------------------------------
     cache_latents: bool = flag(

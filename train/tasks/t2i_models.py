@@ -239,6 +239,8 @@ def build_models(
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        unet.compile(fullgraph=True)  # in place: parameter names and the class stay as they are
     return T2IModels(unet, vae, text_encoder, tokenizer, build_noise_scheduler(cfg, files))
 
 
