@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from latentdiff.data.scene_labels import (
     CELL_ATTRIBUTES,
     EMPTY,
+    IRREGULAR_CELL_ATTRIBUTES,
     NUM_CLASSES,
     caption_labels,
     class_name,
@@ -123,6 +124,17 @@ def test_tiny_run_resumes_exactly_and_its_classifier_guides_the_pipeline(
     assert Image.open(out).text["class_labels"] == "a red circle in the top left"
 
 
+@pytest.mark.slow
+def test_a_run_with_irregular_scenes_has_their_classes_and_reports_their_accuracy(
+    tmp_path, tiny_sd_dir, shapes_data, one_thread
+):
+    assert train_classifier.main(flags(tiny_sd_dir, shapes_data, tmp_path, 2, irregular_images=8)) == 0
+    classifier = NoiseAwareClassifier.from_pretrained(tmp_path / "classifier")
+    assert classifier.config.attributes == IRREGULAR_CELL_ATTRIBUTES
+    table = json.loads((tmp_path / "accuracy_against_t.json").read_text())
+    assert all(0 <= row["irregular_objects"] <= 1 for row in table.values())
+
+
 def test_class_labels_read_from_text_as_pairs_or_a_layout(tmp_path):
     out = tmp_path / "out.png"  # never the working folder, where the README's own command leaves an out.png
     assert read_class_labels("color=2, shape=0 cell=4") == {"color": 2, "shape": 0, "cell": 4}
@@ -141,6 +153,8 @@ def test_bad_flags_are_refused_before_training(tmp_path, tiny_sd_dir, shapes_dat
     base = flags(tiny_sd_dir, shapes_data, tmp_path, 2)
     with pytest.raises(ConfigError, match="--random_flip mirrors objects"):
         parse_config([*base, "--random_flip"], ClassifierTaskConfig)
+    with pytest.raises(ConfigError, match="--irregular_images"):
+        parse_config([*base, "--irregular_images", "-1"], ClassifierTaskConfig)
     with pytest.raises(ConfigError, match="--block_out_channels"):
         parse_config([*base, "--block_out_channels", "8", "0"], ClassifierTaskConfig)
     with pytest.raises(ConfigError, match="--pretrained_model_name_or_path='nowhere' is not a folder"):

@@ -6,9 +6,11 @@
 
 Options: `python train/train_classifier.py --help`: the loop's flags (data, optimisation, checkpoints, validation),
 plus --pretrained_model_name_or_path (the model whose VAE and noise schedule it is trained for; default: the embedded
-one), --block_out_channels, --layers_per_block, --time_embed_dim, --pool_size and --validation_timesteps. At the end
---output_dir/classifier holds the classifier (`NoiseAwareClassifier.from_pretrained`; pass it to LatentPipeline as
-`classifier=`, or to `latentdiff generate --classifier`), and accuracy_against_t.json its held-out accuracy.
+one), --block_out_channels, --layers_per_block, --time_embed_dim, --pool_size, --validation_timesteps and
+--irregular_images (extra scenes of distorted objects labelled `{colour} irregular`: latentdiff.data.irregular). At
+the end --output_dir/classifier holds the classifier (`NoiseAwareClassifier.from_pretrained`; pass it to
+LatentPipeline as `classifier=`, or to `latentdiff generate --classifier`), and accuracy_against_t.json its held-out
+accuracy.
 """
 
 from __future__ import annotations

@@ -9,9 +9,13 @@ guidance can ask for "a red circle in the top left and nothing elsewhere" as wel
 |------------------------|--------------------------------------------------------------------|
 | 0                      | nothing (``EMPTY``)                                                |
 | 1 + i·\\|SHAPES\\| + j | an object of colour i of OBJECT_COLORS and shape j of SHAPES       |
+| K + i                  | with the irregular classes only: an object of colour i that is no crisp shape (a dome, a   |
+|                        | rounded or pinched square, a curved triangle, a blob: `latentdiff.data.irregular`)         |
 
-K = 1 + 6 · 3 = 19 classes per cell; a cell's head is named after its position with ``_`` for spaces
-(``top_left``). The star (reserved for the LoRA demonstration) has no class.
+K = 1 + 6 · 3 = 19 classes per cell (CELL_ATTRIBUTES), or K + 6 = 25 with the irregular classes
+(IRREGULAR_CELL_ATTRIBUTES): the first K classes are the same in both, so one target layout fits either classifier.
+A cell's head is named after its position with ``_`` for spaces (``top_left``). The star (reserved for the LoRA
+demonstration) has no class.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from latentdiff.data.shapes import OBJECT_COLORS, POSITIONS, SHAPES, ParsedCapti
 
 EMPTY = 0
 NUM_CLASSES = 1 + len(OBJECT_COLORS) * len(SHAPES)  # K
+IRREGULAR = "irregular"  # the shape word of the irregular classes
+NUM_CLASSES_WITH_IRREGULAR = NUM_CLASSES + len(OBJECT_COLORS)  # K + 6
 
 
 def cell_attribute(position: str) -> str:
@@ -28,6 +34,9 @@ def cell_attribute(position: str) -> str:
 
 
 CELL_ATTRIBUTES: tuple[tuple[str, int], ...] = tuple((cell_attribute(p), NUM_CLASSES) for p in POSITIONS)
+IRREGULAR_CELL_ATTRIBUTES: tuple[tuple[str, int], ...] = tuple(
+    (cell_attribute(p), NUM_CLASSES_WITH_IRREGULAR) for p in POSITIONS
+)
 
 
 def object_class(color: str, shape: str) -> int:
@@ -40,12 +49,21 @@ def object_class(color: str, shape: str) -> int:
     return 1 + list(OBJECT_COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
 
 
+def irregular_class(color: str) -> int:
+    """K + i of an irregular object of colour i (table above); a ValueError names a colour the classes do not have."""
+    if color not in OBJECT_COLORS:
+        raise ValueError(f"no irregular class for {color!r}: the colours are {list(OBJECT_COLORS)}")
+    return NUM_CLASSES + list(OBJECT_COLORS).index(color)
+
+
 def class_name(index: int) -> str:
-    """``empty`` or ``{colour} {shape}`` of a class index k."""
-    if not 0 <= index < NUM_CLASSES:
-        raise ValueError(f"class index {index} is outside 0 … {NUM_CLASSES - 1}")
+    """``empty``, ``{colour} {shape}`` or ``{colour} irregular`` of a class index k."""
+    if not 0 <= index < NUM_CLASSES_WITH_IRREGULAR:
+        raise ValueError(f"class index {index} is outside 0 … {NUM_CLASSES_WITH_IRREGULAR - 1}")
     if index == EMPTY:
         return "empty"
+    if index >= NUM_CLASSES:
+        return f"{list(OBJECT_COLORS)[index - NUM_CLASSES]} {IRREGULAR}"
     color, shape = divmod(index - 1, len(SHAPES))
     return f"{list(OBJECT_COLORS)[color]} {SHAPES[shape]}"
 

@@ -243,12 +243,24 @@ def star_points(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float,
     return points
 
 
+Outline = tuple[
+    tuple[float, float], ...
+]  # a polygon's vertices (u, v) in units of its bounding box, in [0, 1]²
+
+
 def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], fill, supersample: int = _SUPERSAMPLE
+    draw: ImageDraw.ImageDraw,
+    shape: str | Outline,
+    box: tuple[float, ...],
+    fill,
+    supersample: int = _SUPERSAMPLE,
 ) -> None:
-    """Draws a shape filling the bounding box (x0, y0, x1, y1), in the pixels of the supersampled canvas."""
+    """Draws a shape filling the bounding box (x0, y0, x1, y1), in the pixels of the supersampled canvas: a shape
+    name, or an Outline (the polygon (x0 + u·(x1 − x0), y0 + v·(y1 − y0)); `latentdiff.data.irregular`)."""
     x0, y0, x1, y1 = (v * supersample for v in box)
-    if shape == "circle":
+    if not isinstance(shape, str):
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in shape], fill=fill)
+    elif shape == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif shape == "square":
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
@@ -284,11 +296,11 @@ def render_scene(scene: Scene, size: int = 64) -> Image.Image:
 
 def render_shapes(
     background: tuple[int, int, int],
-    shapes: list[tuple[str, tuple[float, float, float, float], tuple[int, int, int]]],
+    shapes: list[tuple[str | Outline, tuple[float, float, float, float], tuple[int, int, int]]],
     size: int = 64,
 ) -> Image.Image:
-    """An anti-aliased RGB image of `size`×`size` pixels (size ≥ 32): each (shape, bounding box (x0, y0, x1, y1) in
-    units of S, RGB fill) drawn in order over a flat background. `render_scene` and the layouts of
+    """An anti-aliased RGB image of `size`×`size` pixels (size ≥ 32): each (shape name or Outline, bounding box
+    (x0, y0, x1, y1) in units of S, RGB fill) drawn in order over a flat background. `render_scene` and the layouts of
     `latentdiff.data.layouts` draw through it."""
     if not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size={size!r} must be an int ≥ {MIN_SIZE}")

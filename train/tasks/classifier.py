@@ -19,8 +19,14 @@ its VAE (frozen) and its training noise schedule, from --pretrained_model_name_o
 The images are encoded once, before training (the frozen VAE's posterior mean of an unflipped image is the same in
 every epoch), so a training step costs the classifier alone.
 
+With --irregular_images N, N more scenes are drawn with distorted objects (`latentdiff.data.irregular`: domes, rounded
+or pinched squares, curved triangles, blobs, each refused by the strict detector) and labelled `{colour} irregular`:
+the classifier then has 25 classes per cell (IRREGULAR_CELL_ATTRIBUTES), the first 19 as before, so that its gradient
+of log p(y = a crisp shape | x_t) pushes away from the shapes the detector refuses. Scene i of them draws from the
+generator seeded by (--seed, i); the last --validation_holdout / 2 are held out.
+
 Validation measures the accuracy against t on the held-out rows (fixed noise): per cell, on the cells that hold an
-object, and whole layouts (all nine cells right). The export writes the classifier folder (`classifier/`, EMA weights
+object, and whole layouts (all nine cells right); with irregular scenes also on their held-out objects. The export writes the classifier folder (`classifier/`, EMA weights
 if enabled) and that table (`accuracy_against_t.json`).
 """
 
@@ -32,6 +38,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -40,7 +47,17 @@ from tqdm.auto import tqdm
 
 from latentdiff.conditioning import encode_posterior, vae_scale_factor
 from latentdiff.data.dataset import TextImageDataset, captions_of, collate_text_image
-from latentdiff.data.scene_labels import CELL_ATTRIBUTES, EMPTY, caption_labels, has_layout
+from latentdiff.data.irregular import IrregularScene, irregular_scene
+from latentdiff.data.scene_labels import (
+    CELL_ATTRIBUTES,
+    EMPTY,
+    IRREGULAR_CELL_ATTRIBUTES,
+    caption_labels,
+    cell_attribute,
+    has_layout,
+    irregular_class,
+    object_class,
+)
 from latentdiff.default_model import DEFAULT_MODEL_DIR
 from latentdiff.models.classifier import ClassifierConfig, NoiseAwareClassifier
 from train.data import split_image_datasets
@@ -69,6 +86,12 @@ class ClassifierTaskConfig(LoopConfig):
     )
     validation_timesteps: list[int] = flag(
         [0, 200, 400, 600, 800, 900, 999], "Timesteps t at which validation measures the accuracy."
+    )
+    irregular_images: int = flag(
+        0,
+        "Extra scenes with distorted objects labelled '{colour} irregular' (latentdiff.data.irregular); > 0 gives "
+        "the classifier 25 classes per cell instead of 19.",
+        at_least=0,
     )
 
     def check_combinations(self) -> None:
@@ -123,7 +146,7 @@ def build_frozen_parts(cfg: ClassifierTaskConfig, device: torch.device) -> Froze
 def build_classifier(cfg: ClassifierTaskConfig, vae: nn.Module) -> NoiseAwareClassifier:
     """A new classifier over the cell layout, reading the VAE's latent channels; float32, train mode."""
     config = ClassifierConfig(
-        attributes=CELL_ATTRIBUTES,
+        attributes=IRREGULAR_CELL_ATTRIBUTES if cfg.irregular_images else CELL_ATTRIBUTES,
         in_channels=int(vae.config.latent_channels),
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
@@ -138,6 +161,15 @@ def layout_labels(captions: list[str]) -> torch.Tensor:
     """(B, 9) class indices, one column per cell of CELL_ATTRIBUTES, of captions that each place every object."""
     rows = [caption_labels(caption) for caption in captions]
     return torch.tensor([[row[name] for name, _ in CELL_ATTRIBUTES] for row in rows])
+
+
+def irregular_labels(scene: IrregularScene) -> list[int]:
+    """(9,) class indices of an irregular scene, in CELL_ATTRIBUTES order."""
+    cells = {name: EMPTY for name, _ in CELL_ATTRIBUTES}
+    for i, obj in enumerate(scene.scene.objects):
+        k = irregular_class(obj.color) if i in scene.irregular else object_class(obj.color, obj.shape)
+        cells[cell_attribute(obj.position)] = k
+    return list(cells.values())
 
 
 class LatentLayouts(torch.utils.data.Dataset):
@@ -177,6 +209,7 @@ class ClassifierTask:
         self.device = accelerator.device
         self.seed = seed
         self.holdout: LatentLayouts | None = None
+        self.irregular_holdout: LatentLayouts | None = None
         self.accuracy: dict[int, dict[str, float]] = {}
 
     def datasets(self, dataset) -> tuple[LatentLayouts, Any]:
@@ -197,7 +230,33 @@ class ClassifierTask:
             )
         train, held = split_image_datasets(self.cfg, dataset.select(keep), self.seed)
         self.holdout = self.encode(held) if held is not None else None
-        return self.encode(train), collate_layouts
+        train = self.encode(train)
+        if self.cfg.irregular_images:
+            irregular = self.encode_irregular(self.cfg.irregular_images)
+            split = len(irregular) - self.cfg.validation_holdout // 2
+            self.irregular_holdout = LatentLayouts(irregular.latents[split:], irregular.labels[split:])
+            train = LatentLayouts(
+                torch.cat([train.latents, irregular.latents[:split]]),
+                torch.cat([train.labels, irregular.labels[:split]]),
+            )
+        return train, collate_layouts
+
+    @torch.no_grad()
+    def encode_irregular(self, count: int) -> LatentLayouts:
+        """x₀ and labels of `count` irregular scenes at --resolution, scene i drawn from (--seed, i)."""
+        latents, labels = [], []
+        for start in tqdm(
+            range(0, count, 64), desc="irregular", disable=not self.accelerator.is_local_main_process
+        ):
+            pixels = []
+            for i in range(start, min(start + 64, count)):
+                scene, image = irregular_scene(np.random.default_rng([self.seed, i]), self.cfg.resolution)
+                pixels.append(
+                    torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                )
+                labels.append(irregular_labels(scene))
+            latents.append(encode_posterior(self.vae, torch.stack(pixels).to(self.device))[0].cpu())
+        return LatentLayouts(torch.cat(latents), torch.tensor(labels))
 
     @torch.no_grad()
     def encode(self, images: TextImageDataset) -> LatentLayouts:
@@ -232,20 +291,31 @@ class ClassifierTask:
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].to(self.device).flatten())
 
     @torch.no_grad()
-    def accuracy_against_t(self, model: nn.Module) -> dict[int, dict[str, float]]:
-        """{t: {cells, objects, layouts}} on the held-out rows with fixed noise: the share of cells read right,
-        of the cells holding an object read right, and of layouts with all nine cells right."""
-        latents, labels = self.holdout.latents.to(self.device), self.holdout.labels.to(self.device)
+    def read_right(
+        self, model: nn.Module, layouts: LatentLayouts, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """((N, 9) whether each cell is read right at t with fixed noise, (N, 9) labels)."""
+        latents, labels = layouts.latents.to(self.device), layouts.labels.to(self.device)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        timesteps = torch.full((len(latents),), t, device=self.device)
+        return self.logits(model, latents, noise, timesteps).argmax(-1) == labels, labels
+
+    @torch.no_grad()
+    def accuracy_against_t(self, model: nn.Module) -> dict[int, dict[str, float]]:
+        """{t: {cells, objects, layouts[, irregular_objects]}} on the held-out rows with fixed noise: the share of
+        cells read right, of the cells holding an object read right, of layouts with all nine cells right (and of
+        the held-out irregular scenes' objects read right)."""
         table = {}
         for t in self.cfg.validation_timesteps:
-            timesteps = torch.full((len(latents),), t, device=self.device)
-            right = self.logits(model, latents, noise, timesteps).argmax(-1) == labels  # (N, 9)
+            right, labels = self.read_right(model, self.holdout, t)
             table[t] = {
                 "cells": float(right.float().mean()),
                 "objects": float(right[labels != EMPTY].float().mean()),
                 "layouts": float(right.all(1).float().mean()),
             }
+            if self.irregular_holdout is not None:
+                right, labels = self.read_right(model, self.irregular_holdout, t)
+                table[t]["irregular_objects"] = float(right[labels != EMPTY].float().mean())
         return table
 
     def validate(self, trainer: Trainer, step: int) -> dict[str, float]:
@@ -260,6 +330,8 @@ class ClassifierTask:
             for t, row in self.accuracy.items():
                 logs[f"val_objects_t{t}"] = row["objects"]
                 logs[f"val_layouts_t{t}"] = row["layouts"]
+                if "irregular_objects" in row:
+                    logs[f"val_irregular_t{t}"] = row["irregular_objects"]
         self.accelerator.wait_for_everyone()
         return logs
 
