@@ -93,9 +93,8 @@ def loaded(tiny_sd_dir) -> LatentPipeline:
     return pipe
 
 
-@pytest.fixture
-def pipe(loaded) -> LatentPipeline:
-    """A fresh pipeline (copies of the trainable parts) for each test: the tests change the models."""
+def fresh_copy(loaded: LatentPipeline) -> LatentPipeline:
+    """A fresh pipeline (copies of the trainable parts, the UNet and the text encoder) over `loaded`'s other parts."""
     fresh = LatentPipeline(
         copy.deepcopy(loaded.unet),
         loaded.scheduler,
@@ -105,6 +104,12 @@ def pipe(loaded) -> LatentPipeline:
     )
     fresh.set_progress_bar_config(disable=True)
     return fresh
+
+
+@pytest.fixture
+def pipe(loaded) -> LatentPipeline:
+    """A fresh pipeline for each test: the tests change the models."""
+    return fresh_copy(loaded)
 
 
 def latents(pipe: LatentPipeline, seed: int = 0) -> torch.Tensor:
@@ -469,14 +474,7 @@ def test_older_peft_and_kohya_formats_load_as_the_same_adapter(loaded, diffusers
             path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
             save_file(state, str(path))
             state = path
-        fresh = LatentPipeline(
-            copy.deepcopy(loaded.unet),
-            loaded.scheduler,
-            loaded.vae,
-            copy.deepcopy(loaded.text_encoder),
-            loaded.tokenizer,
-        )
-        fresh.set_progress_bar_config(disable=True)
+        fresh = fresh_copy(loaded)
         fresh.load_lora_weights(state)
         return latents(fresh)
 
@@ -752,14 +750,7 @@ def test_kohya_save_format_loads_back_to_the_same_images(pipe, loaded, tmp_path)
     assert float(ff) == 8.0 and float(keys[next(k for k in keys if k.endswith("to_q.alpha"))]) == 2.0
 
     def images_with(folder: Path) -> np.ndarray:
-        fresh = LatentPipeline(
-            copy.deepcopy(loaded.unet),
-            loaded.scheduler,
-            loaded.vae,
-            copy.deepcopy(loaded.text_encoder),
-            loaded.tokenizer,
-        )
-        fresh.set_progress_bar_config(disable=True)
+        fresh = fresh_copy(loaded)
         fresh.load_lora_weights(folder)
         return images(fresh)
 
