@@ -145,3 +145,19 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_data import make_imagefolder
 
     return make_imagefolder(tmp_path_factory.mktemp("train-data") / "images")
+
+
+@pytest.fixture
+def eager_compile(monkeypatch) -> list[dict]:
+    """torch.compile with dynamo's eager backend (the same graph and guards as inductor, traced in seconds instead of
+    minutes); returns the list of keyword arguments each torch.compile call was given."""
+    real_compile, asked = torch.compile, []
+
+    def compile_eagerly(model, **kwargs):
+        asked.append(kwargs)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return asked

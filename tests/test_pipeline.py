@@ -344,19 +344,11 @@ def test_generate_writes_the_image_the_pipeline_makes(pipe, tiny_sd_dir, tmp_pat
     np.testing.assert_array_equal(written, np.asarray(expected))
 
 
-def test_generate_compile_samples_through_one_compiled_graph(tiny_sd_dir, tmp_path, monkeypatch):
+def test_generate_compile_samples_through_one_compiled_graph(tiny_sd_dir, tmp_path, eager_compile):
     """`latentdiff generate --compile` runs the UNet as one torch.compile graph (fullgraph=True: a graph break would
     raise) and draws the same image. Inductor's code generation is swapped for dynamo's eager backend, which traces
     and guards the same graph in seconds instead of minutes."""
-    real_compile, asked = torch.compile, []
-
-    def eager_compile(model, **kwargs):
-        asked.append(kwargs)
-        return real_compile(model, backend="eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    asked = eager_compile  # the keyword arguments of each torch.compile call
     args = ["generate", PROMPTS[0], "--model", str(tiny_sd_dir), "--steps", "2", "--seed", "3"]
     assert cli.main([*args, "-o", str(tmp_path / "plain.png")]) == 0
     assert asked == [] and not torch._dynamo.utils.counters["stats"]["unique_graphs"]

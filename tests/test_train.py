@@ -405,20 +405,12 @@ def test_end_to_end_through_accelerate_launch_exports_a_loadable_pipeline(tmp_pa
 
 
 def test_compile_trains_through_one_graph_to_the_same_weights(
-    tmp_path, tiny_sd_dir, train_data, one_thread, monkeypatch
+    tmp_path, tiny_sd_dir, train_data, one_thread, eager_compile
 ):
     """--compile trains the UNet through torch.compile(fullgraph=True) (a graph break would raise) and reaches the
     weights of the plain run: dynamo's eager backend stands in for inductor (same graph, seconds not minutes), so the
     kernels, and the weights, are the same up to float32 rounding of reordered ops."""
-    real_compile, asked = torch.compile, []
-
-    def eager_compile(model, **kwargs):
-        asked.append(kwargs)
-        return real_compile(model, backend="eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    asked = eager_compile  # the keyword arguments of each torch.compile call
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, plain, max_train_steps=2)) == 0
     assert train_t2i.main(t2i_args(tiny_sd_dir, train_data, compiled, max_train_steps=2, compile=True)) == 0
