@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from latentdiff.data.shapes import (
     BACKGROUND_COLORS,
@@ -27,10 +27,13 @@ from latentdiff.eval.detector import (
     IRREGULAR,
     MAX_CONCAVE_DEPTH,
     MAX_OUTLINE_DEVIATION,
+    MIN_STAR_ARM_DEPTH,
+    MIN_STAR_HARMONIC,
     concave_depth,
     connected_components,
     detect,
     outline_deviation,
+    star_arms,
 )
 from latentdiff.eval.shapesbench import (
     ALL_GROUPS,
@@ -462,6 +465,97 @@ def test_fidelity_is_about_one_for_rendered_shapes_and_low_for_the_wrong_shape()
     assert asked_square.fidelity[0] < 0.9 and not asked_square.full_match
     nothing = Image.new("RGB", (64, 64), BACKGROUND_COLORS["gray"])
     assert evaluate(nothing, "a blue circle").fidelity == (0.0,)  # no object: fidelity 0
+
+
+# ------------------------------------------------------------------------------------------------ the star
+
+
+def star_polygon(
+    side: float,
+    inner: float = 0.382,
+    points: int = 5,
+    arm_lengths: tuple[float, ...] | None = None,
+    lean: float = 0.0,
+    cx: float = 32.2,
+    cy: float = 31.7,
+) -> list[tuple[float, float]]:
+    """An upright star with `points` arms, `side` wide for five (outer radius R = side / (2 sin 72°)), its valleys
+    at inner·R; arm_lengths scales each tip's radius; lean stretches it by (1 + lean·cos θ) towards the right."""
+    radius = side / (2 * np.sin(np.radians(72)))
+    lengths = arm_lengths or (1.0,) * points
+    vertices = []
+    for j in range(2 * points):
+        angle = -np.pi / 2 + j * np.pi / points
+        r = radius * (lengths[j // 2] if j % 2 == 0 else inner) * (1 + lean * np.cos(angle))
+        vertices.append((cx + r * np.cos(angle), cy + r * np.sin(angle)))
+    return vertices
+
+
+def bumpy_circle(side: float, cx: float = 32.2, cy: float = 31.7) -> list[tuple[float, float]]:
+    """A circle with five soft bumps (radius 1 + 0.08·cos 5θ): five-fold, but no arms."""
+    angles = 2 * np.pi * np.arange(200) / 200
+    return [
+        (
+            cx + side / 2 * (1 + 0.08 * np.cos(5 * a)) * np.cos(a),
+            cy + side / 2 * (1 + 0.08 * np.cos(5 * a)) * np.sin(a),
+        )
+        for a in angles
+    ]
+
+
+NOT_STARS = {  # name: drawn at side s
+    "pentagon": lambda s: star_polygon(
+        s, inner=np.cos(np.pi / 5)
+    ),  # valleys on the sides: a regular pentagon
+    "hexagon": lambda s: star_polygon(s, inner=np.cos(np.pi / 6), points=6),
+    "four-point star": lambda s: star_polygon(s, points=4),
+    "six-point star": lambda s: star_polygon(s, inner=0.45, points=6),
+    "bumpy circle": bumpy_circle,
+    "star with an arm gone": lambda s: star_polygon(s, arm_lengths=(1, 1, 0.382, 1, 1)),
+    "star with a stub arm": lambda s: star_polygon(s, arm_lengths=(1, 1, 1, 0.5, 1)),
+    "lopsided star": lambda s: star_polygon(s, lean=0.35),
+}
+
+
+@pytest.mark.parametrize("side", [12.8, 19.2])  # small and large at 64 px
+@pytest.mark.parametrize("name", list(NOT_STARS))
+def test_five_points_gone_wrong_are_not_stars(name, side):
+    """Each is refused as a star (its five arms are missing, unequal or not there at all); the star drawn the same
+    way is read as one (control)."""
+    size = "large" if side > 16 else "small"
+    prompt = f"a {size} red star in the center on a white background"
+    assert detect(draw_polygon(star_polygon(side))).objects[0].shape == "star"
+    assert matches_prompt(draw_polygon(star_polygon(side)), prompt)
+    assert detect(draw_polygon(NOT_STARS[name](side))).objects[0].shape != "star"
+    assert not matches_prompt(draw_polygon(NOT_STARS[name](side)), prompt)
+
+
+@pytest.mark.parametrize("side", [12.8, 19.2])
+def test_a_blurred_or_fat_star_is_still_a_star(side):
+    """Blur (as a VAE's decoder leaves a small star) costs the thin arms' template fit most: a star blurred by a
+    Gaussian of 0.8 px fits below the base shapes' 0.85 and is still read as a star, by its arms; so is a fat star
+    (valleys at 0.6 of the tips instead of 0.382)."""
+    blurred = draw_polygon(star_polygon(side)).filter(ImageFilter.GaussianBlur(0.8))
+    found = detect(blurred).objects[0]
+    assert found.shape == "star"
+    if side < 16:
+        assert found.fits["star"] < 0.85
+    assert star_arms(_region_alpha(blurred))["depth"] >= MIN_STAR_ARM_DEPTH
+    assert detect(draw_polygon(star_polygon(side, inner=0.6))).objects[0].shape == "star"
+
+
+def _region_alpha(image: Image.Image) -> np.ndarray:
+    """α of a red object on white (read in the green channel, as draw_polygon draws it)."""
+    return (240 - np.asarray(image, np.float32)[..., 1]) / (240 - 40)
+
+
+def test_star_arms_reads_a_regular_star():
+    """r(θ) of a star drawn at 128 px swings between the tips and 0.382 of them: every tip clear of every valley by
+    more than half the longest arm, the tips alike, the 5-fold harmonic well above the threshold; a circle has none."""
+    star = star_arms(_region_alpha(draw_polygon(star_polygon(60.0, cx=64.2, cy=63.7), size=128)))
+    assert star["depth"] > 0.5 and star["tip_ratio"] > 0.95 and star["harmonic"] > 3 * MIN_STAR_HARMONIC
+    circle = star_arms(_region_alpha(draw_polygon(circle_points(60.0, cx=64.2, cy=63.7), size=128)))
+    assert circle["harmonic"] < 0.01 and circle["depth"] < MIN_STAR_ARM_DEPTH
 
 
 # ------------------------------------------------------------------------------------------------- sweeps

@@ -21,7 +21,9 @@ Steps (shared/SHAPES.md, "ShapesBench"), for an RGB image p of side S:
 |            | its hull, is ≤ MAX_CONCAVE_DEPTH·d (pinched squares, concave triangles fail); (b) no edge   |
 |            | point is further than MAX_OUTLINE_DEVIATION[shape]·d from the fitted template's outline (a  |
 |            | half-dome or a lumpy blob read as a circle, a flared cup read as a square fail); else       |
-|            | IRREGULAR                                                                                  |
+|            | IRREGULAR. A star is read by its five arms instead (`star_arms`): a fit ≥ MIN_STAR_IOU (its |
+|            | thin arms lose IoU to any blur first) and a radius r(θ) around the centroid that rises to  |
+|            | five tips of like length, each clear of every valley between them                          |
 | size       | `large` when the fitted box side d ≥ 0.25·S, else `small` (boxes are 0.30·S and 0.20·S)    |
 | position   | the 3×3 cell holding the α-weighted centroid                                               |
 
@@ -63,6 +65,23 @@ MAX_CONCAVE_DEPTH = 0.0125
 # square by straight, upright sides (a cup flared by 10 % of d reaches 0.066), a triangle by its three corners: the
 # eye forgives a rounded or leaning apex, which moves the outline most (generated triangles read as such reach 0.066)
 MAX_OUTLINE_DEVIATION: dict[str, float] = {"circle": 0.045, "square": 0.06, "triangle": 0.08}
+# The star, by its arms (star_arms). Its arms are thin, so blur costs its template fit most: rendered stars fit
+# ≥ 0.93 at 64 px, their reconstructions by the shipped VAE 0.75-0.90 (small stars, 12.8 px across, lowest), and those
+# are plainly five-pointed stars to the eye. So a star needs a fit of MIN_STAR_IOU and its five arms: the radius r(θ)
+# of its α = ½ edge around the centroid has a 5-fold harmonic of ≥ MIN_STAR_HARMONIC of the mean radius (rendered
+# ≥ 0.154 at 64 px, shipped VAE ≥ 0.059; a regular pentagon 0.042, a circle with five bumps 0.040); every tip stands
+# beyond every valley by ≥ MIN_STAR_ARM_DEPTH of the longest arm (rendered ≥ 0.38 at 64 px and ≥ 0.07 for a 6.4 px
+# star at 32 px; VAE ≥ 0.08, 0.12 at the 5th percentile; a star with an arm gone ≤ 0.03, a 4-point star < 0); and the
+# shortest tip is ≥ MIN_STAR_TIP_RATIO of the longest (rendered ≥ 0.88, VAE ≥ 0.71; a 4-point star 0.53-0.70, an arm
+# gone 0.47-0.65). A fat star (valleys at 0.6 of the tips instead of 0.382) is still read as a star; a star with one
+# arm cut short is read as one only while blur could have done it (an arm at 0.62 of the others often passes, at 0.5
+# it fails). Measured on 200 rendered single-star scenes at 32, 64 and 128 px, their reconstructions by the shipped
+# VAE and the star-refined decoder, and the counter-examples of tests/test_shapesbench.py drawn at both sizes.
+MIN_STAR_IOU = 0.72
+MIN_STAR_HARMONIC = 0.055
+MIN_STAR_ARM_DEPTH = 0.06
+MIN_STAR_TIP_RATIO = 0.70
+STAR_RAYS = 180  # r(θ) is read along this many rays, every 2°
 TEMPLATE_SUPERSAMPLE = 16  # templates are drawn at 16× (edges within 1/32 px), scenes at 4×
 
 _PALETTE_NAMES = (*OBJECT_COLORS, *BACKGROUND_COLORS)
@@ -304,11 +323,85 @@ def outline_deviation(soft: np.ndarray, shape: str) -> float:
     return float(distance.max() / d)
 
 
+def radial_profile(
+    soft: np.ndarray, rays: int = STAR_RAYS, step: float = 0.125
+) -> tuple[np.ndarray, np.ndarray]:
+    """r(θ): along each of `rays` rays from the region's α-weighted centroid, the distance (pixels) at which α
+    (bilinear between pixel centres) last crosses ½. θ = 0 points right, θ = 90° down. soft: (h, w) coverage.
+    Returns (θ (rays,), r (rays,))."""
+    cx, cy = _centroid(soft)
+    theta = np.arange(rays) * (2 * math.pi / rays)
+    t = np.arange(0.0, math.hypot(*soft.shape) + 1, step)
+    padded = np.pad(soft, 1)  # α = 0 one pixel beyond the window; pixel centre of padded j is at j − ½
+    x = cx + 0.5 + np.cos(theta)[:, None] * t
+    y = cy + 0.5 + np.sin(theta)[:, None] * t
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+
+    def at(yy, xx):
+        inside = (yy >= 0) & (yy < padded.shape[0]) & (xx >= 0) & (xx < padded.shape[1])
+        return np.where(inside, padded[yy.clip(0, padded.shape[0] - 1), xx.clip(0, padded.shape[1] - 1)], 0.0)
+
+    alpha = (at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy) + (
+        at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    ) * fy
+    inside = alpha >= 0.5
+    last = inside.shape[1] - 1 - inside[:, ::-1].argmax(1)  # the last sample inside on each ray
+    rows = np.arange(rays)
+    a, b = alpha[rows, last], alpha[rows, np.minimum(last + 1, len(t) - 1)]
+    r = t[last] + np.where(a > b, (a - 0.5) / np.maximum(a - b, 1e-9), 0.0) * step
+    return theta, np.where(inside.any(1), r, 0.0)
+
+
+def star_arms(soft: np.ndarray) -> dict[str, float]:
+    """The five arms of a star in a region's r(θ) (radial_profile). The five tips are the largest r within ±18° of
+    the 5-fold harmonic's crests, the five valleys the smallest r within ±18° of its troughs. Returns harmonic:
+    |mean r·e^(−5iθ)| / mean r (half the tip-to-valley swing over the mean radius, for a sine); depth: (shortest tip
+    − highest valley) / longest tip, > 0 when every arm stands clear of every valley; tip_ratio: shortest tip /
+    longest tip. soft: (h, w) coverage α of one region."""
+    theta, r = radial_profile(soft)
+    mean = float(r.mean())
+    if mean <= 0:
+        return {"harmonic": 0.0, "depth": -1.0, "tip_ratio": 0.0}
+    # for r = m + A·cos(5θ − φ), mean r·e^(−5iθ) = (A/2)·e^(−iφ): the crests lie at θ = φ/5 + k·72°
+    fifth = (r * np.exp(-5j * theta)).mean()
+    crest = -np.angle(fifth) / 5
+    tips, valleys = [], []
+
+    def near(centre: float) -> np.ndarray:
+        """The rays within ±18° (a quarter of the 72° between tips) of centre."""
+        return np.abs((theta - centre + math.pi) % (2 * math.pi) - math.pi) <= math.radians(18)
+
+    for k in range(5):
+        tips.append(float(r[near(crest + k * 2 * math.pi / 5)].max()))
+        valleys.append(float(r[near(crest + (k + 0.5) * 2 * math.pi / 5)].min()))
+    return {
+        "harmonic": float(abs(fifth)) / mean,
+        "depth": (min(tips) - max(valleys)) / max(tips),
+        "tip_ratio": min(tips) / max(tips),
+    }
+
+
+def _is_star(fit: float, soft: np.ndarray) -> bool:
+    """A star: its template fits ≥ MIN_STAR_IOU and its outline has five arms of like length (star_arms)."""
+    if fit < MIN_STAR_IOU:
+        return False
+    arms = star_arms(soft)
+    return (
+        arms["harmonic"] >= MIN_STAR_HARMONIC
+        and arms["depth"] >= MIN_STAR_ARM_DEPTH
+        and arms["tip_ratio"] >= MIN_STAR_TIP_RATIO
+    )
+
+
 def _read_shape(fits: dict[str, float], sides: dict[str, float], soft: np.ndarray) -> str:
     """The shape whose template fits best (fill ratio, corners and symmetry at once), or IRREGULAR when even the
     best fit is below MIN_SHAPE_IOU, or when the region's outline strays from a base-world shape's (concave sides
-    deeper than MAX_CONCAVE_DEPTH·d, or an edge further than MAX_OUTLINE_DEVIATION[shape]·d from its outline)."""
+    deeper than MAX_CONCAVE_DEPTH·d, or an edge further than MAX_OUTLINE_DEVIATION[shape]·d from its outline). A
+    best fit of the star is judged by its arms instead (_is_star)."""
     best = max(fits, key=fits.get)
+    if best == STAR:
+        return STAR if _is_star(fits[best], soft) else IRREGULAR
     if fits[best] < MIN_SHAPE_IOU:
         return IRREGULAR
     if best in MAX_OUTLINE_DEVIATION and (
