@@ -318,3 +318,18 @@ def test_a_missing_model_folder_an_output_file_and_a_too_large_batch_are_named(t
         check_output_dir(parse_t2i([*T2I_BASE, "--output_dir", str(tmp_path / "a_file")]))
     with pytest.raises(ConfigError, match=r"the dataset has 10 samples, fewer than one global batch of 16"):
         toy_trainer(toy_cfg(tmp_path / "run", train_batch_size=16))
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (REPO / "train").glob("train_*.py")))
+def test_every_training_script_prints_its_help(script):
+    """`--help` lists the flags (a literal % in a flag's help once made argparse raise instead)."""
+    done = subprocess.run(
+        [sys.executable, f"train/{script}", "--help"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--output_dir" in done.stdout and "--config" in done.stdout

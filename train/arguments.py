@@ -95,7 +95,8 @@ def build_parser(config_class: type[LoopConfig]) -> argparse.ArgumentParser:
     for f in dataclasses.fields(config_class):
         kind, is_list = field_kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        # argparse expands %-formats in help: a literal % (e.g. "25%") must reach it doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
         flags = [f"--{name}" for name in (f.name, *f.metadata.get("aliases", ()))]
         if f.name == "local_rank":  # torch.distributed.launch passes --local-rank
             flags.append("--local-rank")
