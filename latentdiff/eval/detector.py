@@ -356,9 +356,9 @@ def radial_profile(
 def star_arms(soft: np.ndarray) -> dict[str, float]:
     """The five arms of a star in a region's r(θ) (radial_profile). The five tips are the largest r within ±18° of
     the 5-fold harmonic's crests, the five valleys the smallest r within ±18° of its troughs. Returns harmonic:
-    |mean r·e^(−5iθ)| / mean r (half the tip-to-valley swing over the mean radius, for a sine); depth: (shortest tip
-    − highest valley) / longest tip, > 0 when every arm stands clear of every valley; tip_ratio: shortest tip /
-    longest tip. soft: (h, w) coverage α of one region."""
+    |mean r·e^(−5iθ)| / mean r (for r = m + A·cos 5θ it is A / 2m, a quarter of the tip-to-valley swing over the
+    mean radius); depth: (shortest tip − highest valley) / longest tip, > 0 when every arm stands clear of every
+    valley; tip_ratio: shortest tip / longest tip. soft: (h, w) coverage α of one region."""
     theta, r = radial_profile(soft)
     mean = float(r.mean())
     if mean <= 0:
