@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipelines.latent_pipeline import LatentPipeline
+from tests.test_train import command_line
 from train import train_dreambooth
 from train.arguments import parse_config
 from train.randomness import BatchRandom
@@ -52,10 +53,7 @@ def db_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
         "validation_num_inference_steps": 2,
         **flags,
     }
-    args = []
-    for name, value in values.items():
-        args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    return args
+    return command_line(values)
 
 
 def prior_args(model, data, out, classes, count, **flags):

@@ -22,6 +22,7 @@ from torch import nn
 from latentdiff import lora
 from latentdiff.models.unet import ConditionalUNet, UNetConfig
 from pipelines.latent_pipeline import LatentPipeline
+from tests.test_train import command_line
 from train import train_lora
 from train.arguments import parse_config
 from train.loop_config import ConfigError
@@ -594,15 +595,7 @@ def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
         "checkpointing_steps": 100,
         **flags,
     }
-    args = []
-    for name, value in values.items():
-        if value is True:
-            args.append(f"--{name}")
-        elif isinstance(value, list):
-            args += [f"--{name}", *map(str, value)]
-        elif value is not None:
-            args += [f"--{name}", str(value)]
-    return args
+    return command_line(values)
 
 
 def test_lora_flags_extend_the_training_config_and_are_checked_first(tiny_sd_dir, train_data, tmp_path):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from latentdiff import textual_inversion
 from pipelines.latent_pipeline import LatentPipeline
+from tests.test_train import command_line
 
 PROMPT = "a <thing> on the left on a white background"
 
@@ -136,7 +137,7 @@ def ti_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
         "replace_word": "circle",
         **flags,
     }
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+    return command_line(values)
 
 
 def test_training_changes_only_the_new_rows_and_exports_a_loadable_file(

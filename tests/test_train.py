@@ -305,6 +305,20 @@ def test_non_finite_loss_stops_before_the_update_and_the_last_checkpoint_resumes
 # ---- real runs of train_t2i.py ------------------------------------------------------------------------------------
 
 
+def command_line(values: dict) -> list[str]:
+    """A training script's flags from {name: value}: True is the bare flag, a list its values after the flag, None
+    leaves the flag out, anything else is --name str(value)."""
+    args = []
+    for name, value in values.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif isinstance(value, list):
+            args += [f"--{name}", *map(str, value)]
+        elif value is not None:
+            args += [f"--{name}", str(value)]
+    return args
+
+
 def t2i_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
     """Flags of a tiny run: 9 images (one corrupt), batch 2 -> 4 batches per epoch."""
     values = {
@@ -321,15 +335,7 @@ def t2i_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
         "checkpointing_steps": 100,
         **flags,
     }
-    args = []
-    for name, value in values.items():
-        if value is True:
-            args.append(f"--{name}")
-        elif isinstance(value, list):
-            args += [f"--{name}", *map(str, value)]
-        elif value is not None:
-            args += [f"--{name}", str(value)]
-    return args
+    return command_line(values)
 
 
 def unet_weights(path: Path) -> dict[str, torch.Tensor]:
