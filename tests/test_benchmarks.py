@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,3 +56,43 @@ def test_gpu_benchmark_runs_a_tiny_model_on_the_cpu(capsys, one_thread):
         ratio = float(row.split("|")[4])
         assert ratio > 0
     assert "measured here" in out  # a CPU's peak is measured, not looked up
+
+
+def test_eval_checkpoint_loads_the_ema_weights_and_scores_each_prompt_set(tiny_sd_dir, tmp_path, one_thread):
+    from safetensors.torch import save_file
+
+    from benchmarks import eval_checkpoint
+    from pipelines.latent_pipeline import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(tiny_sd_dir)
+    averaged = {f"unet.{name}": torch.full_like(t, 0.01) for name, t in pipe.unet.state_dict().items()}
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    save_file(averaged, str(checkpoint / "ema.safetensors"))
+    eval_checkpoint.load_ema(pipe, checkpoint)
+    assert all(torch.all(t == 0.01) for t in pipe.unet.state_dict().values())
+
+    save_file({"unet.no_such.weight": torch.zeros(1)}, str(checkpoint / "ema.safetensors"))
+    with pytest.raises(ValueError, match="another architecture"):
+        eval_checkpoint.load_ema(pipe, checkpoint)
+    with pytest.raises(FileNotFoundError, match="--use_ema"):
+        eval_checkpoint.load_ema(pipe, tmp_path)
+
+    out = tmp_path / "scores.json"
+    results = eval_checkpoint.main(
+        [
+            "--model",
+            str(tiny_sd_dir),
+            "--prompt-seeds",
+            "7",
+            "8",
+            "--per-group",
+            "1",
+            "--steps",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
+    assert set(results) == {"7", "8"} and results["7"]["single"]["num_prompts"] == 1
+    assert json.loads(out.read_text())["results"]["8"]["two"]["num_prompts"] == 1
