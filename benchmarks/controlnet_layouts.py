@@ -1,12 +1,13 @@
 """The ControlNet demonstration: layouts placing the embedded default's objects where text cannot say.
 
-    python benchmarks/controlnet_layouts.py outputs/controlnet-layout [--count 96] [--guidance G] [--figure PATH]
+    python benchmarks/controlnet_layouts.py outputs/controlnet-layout [--count 96] [--seed 1000] [--steps N]
+        [--guidance G] [--figure PATH]
 
-Test layouts are drawn from seed 1000 (training used seed 0), a third each with 1, 2 and 3 objects, anywhere on the
-canvas. Each is generated twice with the same noise: by the default with the ControlNet (caption + silhouettes) and
+Test layouts are drawn from seed 1000 unless --seed says (training used seed 0), a third each with 1, 2 and 3
+objects, anywhere on the canvas. Each is generated twice with the same noise: by the default with the ControlNet (caption + silhouettes) and
 by the default alone (caption only: the text says colours and shapes, not places). Both are scored against the
 layout by `latentdiff.eval.layouts`; with the ControlNet's scale at 0 the images must equal the base's bit for bit.
-Sampling: the default's carried settings (DDIM, 25 steps, its recommended guidance) unless --guidance says.
+Sampling: the default's carried settings (its sampler, steps and guidance) unless --steps or --guidance say.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ from pipelines import ControlNetPipeline, LatentPipeline
 TEST_SEED, BATCH = 1000, 16
 
 
-def test_layouts(count: int) -> list[Layout]:
-    return [sample_layout(np.random.default_rng([TEST_SEED, i]), num_objects=1 + i % 3) for i in range(count)]
+def test_layouts(count: int, seed: int = TEST_SEED) -> list[Layout]:
+    return [sample_layout(np.random.default_rng([seed, i]), num_objects=1 + i % 3) for i in range(count)]
 
 
-def generate(pipe, layouts: list[Layout], scale: float | None, guidance: float) -> list[Image.Image]:
+def generate(pipe, layouts: list[Layout], scale: float | None, steps: int, guidance: float) -> list[Image.Image]:
     """One image per layout, seed i for layout i; scale None: the base pipeline (caption only)."""
     images = []
     for start in range(0, len(layouts), BATCH):
         part = layouts[start : start + BATCH]
         arguments = dict(
             prompt=[layout_caption(layout) for layout in part],
+            num_inference_steps=steps,
             guidance_scale=guidance,
             generator=[torch.Generator().manual_seed(start + i) for i in range(len(part))],
         )
@@ -84,10 +86,12 @@ def main() -> None:
     )
     parser.add_argument("controlnet", help="the trained ControlNet folder")
     parser.add_argument("--count", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test layouts' seed (training: 0)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's recommended")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's recommended")
     parser.add_argument("--figure", default=None, help="where to save the README figure")
     args = parser.parse_args()
-    layouts = test_layouts(args.count)
+    layouts = test_layouts(args.count, args.seed)
     base = LatentPipeline()
     parts = (base.unet, base.scheduler, base.vae, base.text_encoder, base.tokenizer)
     controlled = ControlNetPipeline(
@@ -96,15 +100,15 @@ def main() -> None:
     for pipe in (base, controlled):
         pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    steps, guidance = base.resolve_sampling(None, args.guidance)
-    with_control = generate(controlled, layouts, 1.0, guidance)
-    caption_only = generate(base, layouts, None, guidance)
-    switched_off = generate(controlled, layouts[:BATCH], 0.0, guidance)
+    steps, guidance = base.resolve_sampling(args.steps, args.guidance)
+    with_control = generate(controlled, layouts, 1.0, steps, guidance)
+    caption_only = generate(base, layouts, None, steps, guidance)
+    switched_off = generate(controlled, layouts[:BATCH], 0.0, steps, guidance)
     identical = all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(switched_off, caption_only[:BATCH])
     )
     sampler, seconds = type(base.scheduler).__name__, time.perf_counter() - started
-    print(f"{args.count} layouts, {sampler} {steps} steps, guidance {guidance}, {seconds:.0f} s")
+    print(f"{args.count} layouts (seed {args.seed}), {sampler} {steps} steps, guidance {guidance}, {seconds:.0f} s")
     print("\nwith the ControlNet (caption + layout):\n" + table(by_count(layouts, with_control)))
     print("\nthe default alone (caption only):\n" + table(by_count(layouts, caption_only)))
     print(f"\nControlNet at scale 0 gives the default's images bit for bit ({BATCH} layouts): {identical}")

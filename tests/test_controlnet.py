@@ -474,19 +474,29 @@ def test_controlnet_training_refuses_what_it_cannot_do(tmp_path, tiny_sd_dir):
 
 
 def test_layouts_are_valid_and_the_detector_reads_rendered_layouts_fully():
-    from latentdiff.data.layouts import layout_caption, layout_condition, render_layout, sample_layout
+    from latentdiff.data.layouts import (
+        ORDER_LEVELS,
+        layout_caption,
+        layout_condition,
+        render_layout,
+        sample_layout,
+    )
     from latentdiff.eval.layouts import score_layout, summarise
 
     layouts = [sample_layout(np.random.default_rng([7, i]), num_objects=1 + i % 3) for i in range(24)]
     for layout in layouts:
-        shapes = [o.shape for o in layout.objects]
-        assert len(set(shapes)) == len(shapes)  # the caption's colours bind to the silhouettes by shape
         assert all(0 <= v <= 1 for o in layout.objects for v in o.bbox())
+    assert any(len({o.shape for o in x.objects}) < len(x.objects) for x in layouts)  # two circles, say
     assert layout_caption(layouts[2]).count(" and ") == 2 and layout_caption(layouts[2]).endswith(
         "background"
     )
-    condition = np.asarray(layout_condition(layouts[0]))
-    assert condition.shape == (64, 64, 3) and (condition[..., 0] == condition[..., 1]).all()  # no colour
+    for layout in layouts[:6]:
+        condition = np.asarray(layout_condition(layout))
+        assert condition.shape == (64, 64, 3) and (condition[..., 0] == condition[..., 1]).all()  # no colour
+        # the k-th object of the caption stands in gray ORDER_LEVELS[k] (its square's centre is inside any shape)
+        for o, level in zip(layout.objects, ORDER_LEVELS):
+            x, y = (round(v * 64 - 0.5) for v in o.center)
+            assert condition[y, x, 0] == level, (layout, o)
     assert summarise([score_layout(render_layout(layout), layout) for layout in layouts])["full_match"] == 1.0
     # the same objects 8 px to the right: colour, shape and size still right, places wrong
     layout = layouts[0]

@@ -2,11 +2,19 @@
 the text grammar cannot say (shared/SHAPES.md). The ControlNet demonstration's data.
 
 A layout renders two images of `size`×`size` pixels:
-- the condition: each object's silhouette, white on black, without colour (`layout_condition`);
+- the condition: each object's silhouette on black, without colour (`layout_condition`), in the gray level of its
+  place in the caption (`ORDER_LEVELS`: the first object named 255, the second 170, the third 85), an instance map
+  that says which named object stands where;
 - the scene: the objects in their colours on the background (`render_layout`), what a model should generate.
 Its caption names the colours and shapes only, `a red circle and a blue square, on a white background` (three
-objects: `a red circle and a blue square and a green triangle, on a white background`); the shapes of one layout
-differ, so the caption's colour words bind to the silhouettes by shape.
+objects: `a red circle and a blue square and a green triangle, on a white background`).
+
+Why the gray levels: with every silhouette white, the caption's colours can reach the right silhouettes only by
+shape (the silhouette that is a circle takes the colour word before `circle`), two hops through cross-attention
+that a ControlNet on the frozen default did not learn: with two or three objects the colours landed on the wrong
+silhouettes about half the time (full match 0.427 at 1,900 steps, colour 0.57). With the order in the condition
+one hop does it (the k-th silhouette reads the k-th colour word, a fixed place in the caption), as in the grounded
+layouts of GLIGEN (Li et al. 2023), where each box is tied to its phrase. The condition still carries no colour.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from latentdiff.data.shapes import (
 )
 
 MAX_OBJECTS = 3
-SILHOUETTE = (255, 255, 255)
+ORDER_LEVELS = (255, 170, 85)  # the silhouette's gray level by the object's place in the caption
 CONDITION_BACKGROUND = (0, 0, 0)
 
 
@@ -57,13 +65,14 @@ def _apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def sample_layout(rng: np.random.Generator, num_objects: int | None = None, tries: int = 256) -> Layout:
-    """A random layout: 1 to 3 objects (None draws the count uniformly) of distinct shapes, never a held-out
-    colour–shape pair, centres uniform over the canvas with every box inside it and boxes MIN_GAP apart."""
+    """A random layout: 1 to 3 objects (None draws the count uniformly), any shapes (two circles of two colours
+    too: the condition's gray levels tell them apart), never a held-out colour–shape pair, centres uniform over the
+    canvas with every box inside it and boxes MIN_GAP apart."""
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if num_objects is None else num_objects
     if not 1 <= n <= MAX_OBJECTS:
         raise ValueError(f"num_objects={num_objects!r} must be 1 .. {MAX_OBJECTS} or None (random)")
     background = str(rng.choice(list(BACKGROUND_COLORS)))
-    shapes = rng.permutation(len(SHAPES))[:n]
+    shapes = rng.integers(len(SHAPES), size=n)
     attributes = []
     for k in shapes:
         shape = SHAPES[int(k)]
@@ -87,10 +96,10 @@ def render_layout(layout: Layout, size: int = 64):
 
 
 def layout_condition(layout: Layout, size: int = 64):
-    """The condition: (size, size) RGB PIL image of the silhouettes, white on black."""
-    return render_shapes(
-        CONDITION_BACKGROUND, [(o.shape, o.bbox(), SILHOUETTE) for o in layout.objects], size
-    )
+    """The condition: (size, size) RGB PIL image of the silhouettes on black, the k-th object of the caption in
+    gray ORDER_LEVELS[k]."""
+    silhouettes = [(o.shape, o.bbox(), (level,) * 3) for o, level in zip(layout.objects, ORDER_LEVELS)]
+    return render_shapes(CONDITION_BACKGROUND, silhouettes, size)
 
 
 def layout_caption(layout: Layout) -> str:
