@@ -1,7 +1,7 @@
 """The ControlNet demonstration: layouts placing the embedded default's objects where text cannot say.
 
     python benchmarks/controlnet_layouts.py outputs/controlnet-layout [--count 96] [--seed 1000] [--steps N]
-        [--guidance G] [--figure PATH]
+        [--scale S] [--guidance G] [--figure PATH]
 
 Test layouts are drawn from seed 1000 unless --seed says (training used seed 0), a third each with 1, 2 and 3
 objects, anywhere on the canvas. Each is generated twice with the same noise: by the default with the ControlNet (caption + silhouettes) and
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--seed", type=int, default=TEST_SEED, help="the test layouts' seed (training: 0)")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's recommended")
+    parser.add_argument("--scale", type=float, default=1.0, help="the ControlNet's conditioning scale")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's recommended")
     parser.add_argument("--figure", default=None, help="where to save the README figure")
     args = parser.parse_args()
@@ -101,14 +102,17 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
     steps, guidance = base.resolve_sampling(args.steps, args.guidance)
-    with_control = generate(controlled, layouts, 1.0, steps, guidance)
+    with_control = generate(controlled, layouts, args.scale, steps, guidance)
     caption_only = generate(base, layouts, None, steps, guidance)
     switched_off = generate(controlled, layouts[:BATCH], 0.0, steps, guidance)
     identical = all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(switched_off, caption_only[:BATCH])
     )
     sampler, seconds = type(base.scheduler).__name__, time.perf_counter() - started
-    print(f"{args.count} layouts (seed {args.seed}), {sampler} {steps} steps, guidance {guidance}, {seconds:.0f} s")
+    print(
+        f"{args.count} layouts (seed {args.seed}), {sampler} {steps} steps, guidance {guidance}, "
+        f"ControlNet scale {args.scale}, {seconds:.0f} s"
+    )
     print("\nwith the ControlNet (caption + layout):\n" + table(by_count(layouts, with_control)))
     print("\nthe default alone (caption only):\n" + table(by_count(layouts, caption_only)))
     print(f"\nControlNet at scale 0 gives the default's images bit for bit ({BATCH} layouts): {identical}")
