@@ -31,7 +31,9 @@ def test_layouts(count: int, seed: int = TEST_SEED) -> list[Layout]:
     return [sample_layout(np.random.default_rng([seed, i]), num_objects=1 + i % 3) for i in range(count)]
 
 
-def generate(pipe, layouts: list[Layout], scale: float | None, steps: int, guidance: float) -> list[Image.Image]:
+def generate(
+    pipe, layouts: list[Layout], scale: float | None, steps: int, guidance: float
+) -> list[Image.Image]:
     """One image per layout, seed i for layout i; scale None: the base pipeline (caption only)."""
     images = []
     for start in range(0, len(layouts), BATCH):
