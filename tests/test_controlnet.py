@@ -506,6 +506,10 @@ def test_layouts_are_valid_and_the_detector_reads_rendered_layouts_fully():
     )
     result = score_layout(render_layout(shifted), layout)
     assert result["placed"] == 0 and not result["full_match"]
+    # a fourth object has no gray level of its own: refused, not dropped from the condition
+    four = type(layout)("black", layouts[2].objects + layouts[0].objects[:1])
+    with pytest.raises(ValueError, match="1 to 3 objects"):
+        layout_condition(four)
 
 
 def test_layout_dataset_loads_with_its_condition_column(tmp_path):

@@ -98,6 +98,10 @@ def render_layout(layout: Layout, size: int = 64):
 def layout_condition(layout: Layout, size: int = 64):
     """The condition: (size, size) RGB PIL image of the silhouettes on black, the k-th object of the caption in
     gray ORDER_LEVELS[k]."""
+    if not 1 <= len(layout.objects) <= len(ORDER_LEVELS):
+        raise ValueError(
+            f"a layout holds 1 to {len(ORDER_LEVELS)} objects (one gray level each), not {len(layout.objects)}"
+        )
     silhouettes = [(o.shape, o.bbox(), (level,) * 3) for o, level in zip(layout.objects, ORDER_LEVELS)]
     return render_shapes(CONDITION_BACKGROUND, silhouettes, size)
 
