@@ -4,8 +4,8 @@
         [--scale S] [--guidance G] [--figure PATH]
 
 Test layouts are drawn from seed 1000 unless --seed says (training used seed 0), a third each with 1, 2 and 3
-objects, anywhere on the canvas. Each is generated twice with the same noise: by the default with the ControlNet (caption + silhouettes) and
-by the default alone (caption only: the text says colours and shapes, not places). Both are scored against the
+objects, anywhere on the canvas. Each is generated twice with the same noise: by the default with the ControlNet
+(caption + silhouettes) and by the default alone (caption only: the text says colours and shapes, not places). Both are scored against the
 layout by `latentdiff.eval.layouts`; with the ControlNet's scale at 0 the images must equal the base's bit for bit.
 Sampling: the default's carried settings (its sampler, steps and guidance) unless --steps or --guidance say.
 """
