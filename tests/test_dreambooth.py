@@ -167,3 +167,79 @@ def test_prior_preservation_without_its_class_flags_is_refused(tiny_sd_dir, inst
         parse_config(
             db_args(tiny_sd_dir, instance_dir, tmp_path, with_prior_preservation=True), DreamBoothConfig
         )
+
+
+def _task_and_batch(tiny_sd_dir, instance_dir, tmp_path, **flags):
+    """A DreamBooth task with --prior_target model and one batch of two instance and two class images."""
+    from accelerate import Accelerator
+
+    from latentdiff.sampling_settings import SamplingSettings
+    from train.tasks.dreambooth import DreamBoothTask, generate_class_images, instance_images
+    from train.tasks.lora import add_adapters
+    from train.tasks.t2i_models import build_models, resolve_model_files
+
+    args = prior_args(tiny_sd_dir, instance_dir, tmp_path / "run", tmp_path / "classes", 2, **flags)
+    cfg = parse_config([*args, "--prior_target", "model"], DreamBoothConfig)
+    accelerator = Accelerator(cpu=True)
+    models = build_models(cfg, resolve_model_files(cfg), accelerator.device, torch.float32)
+    classes = generate_class_images(cfg, models, accelerator, 0, SamplingSettings())
+    trained = add_adapters(cfg, models, torch.float32, 0) if cfg.use_lora else models.unet
+    task = DreamBoothTask(cfg, models, accelerator, 0, SamplingSettings())
+    train_set, collate = task.paired_datasets(instance_images(cfg), classes)
+    return task, trained, collate([train_set[(0, i)] for i in range(2)]), accelerator
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_prior_target_model_fits_the_class_half_to_the_frozen_model(
+    tiny_sd_dir, instance_dir, tmp_path, use_lora
+):
+    """--prior_target model: the class term is ‖x̂_θ(z_t, c) − x̂_θ₀(z_t, c)‖², so it is exactly 0 while the weights
+    are the base's (a new adapter's B is 0), and once they move it is the squared gap between the moved model and
+    the base at the same z_t, t and c, computed here by hand; the instance term keeps the true target."""
+    from train.tasks.dreambooth import PairedRandom
+
+    flags = {"latent_sample": "mean", **({"use_lora": True, "rank": 2} if use_lora else {})}
+    task, trained, batch, accelerator = _task_and_batch(tiny_sd_dir, instance_dir, tmp_path, **flags)
+
+    def rng() -> BatchRandom:
+        return BatchRandom(0, 5, 0, 2, 0, 2, accelerator.device)
+
+    losses = task.sample_losses(trained, batch, PairedRandom(rng()))
+    assert (losses[:2] > 0).all() and (losses[2:] == 0).all()  # the base model is its own teacher
+
+    base = {name: p.detach().clone() for name, p in trained.named_parameters()}
+    with torch.no_grad():  # move the trained weights (the adapter's, or the whole UNet's)
+        generator = torch.Generator().manual_seed(1)
+        for p in (p for p in trained.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    losses = task.sample_losses(trained, batch, PairedRandom(rng()))
+    assert (losses[2:] > 0).all()
+
+    # by hand: z_t, t and c of the class half from the same random stream, the base model's prediction as target
+    moved = {name: p.detach().clone() for name, p in trained.named_parameters()}
+    stream = PairedRandom(rng())
+    mean, _ = task._posterior(batch)  # z₀ = μ (--latent_sample mean)
+    embeds = task._prompt_embeds(batch, None)
+    drop = stream.rand() < task.cfg.cond_dropout_prob
+    embeds = torch.where(drop[:, None, None], task.empty_embed.to(embeds.dtype), embeds)
+    noise = stream.randn(*mean.shape[1:])
+    timesteps = stream.randint(0, task.num_train_timesteps)
+    noisy = task.noise_schedule.add_noise(mean, noise, timesteps)
+    with torch.no_grad():
+        student = trained(noisy[2:], timesteps[2:], embeds[2:])
+        trained.load_state_dict(base, strict=False)
+        teacher = trained(noisy[2:], timesteps[2:], embeds[2:])
+        trained.load_state_dict(moved, strict=False)
+    torch.testing.assert_close(losses[2:], ((student - teacher) ** 2).mean(dim=(1, 2, 3)))
+
+
+def test_prior_target_model_is_refused_without_the_prior_or_with_a_trained_text_encoder(
+    tiny_sd_dir, instance_dir, tmp_path
+):
+    from train.loop_config import ConfigError
+
+    with pytest.raises(ConfigError, match="add --with_prior_preservation"):
+        parse_config(db_args(tiny_sd_dir, instance_dir, tmp_path, prior_target="model"), DreamBoothConfig)
+    args = prior_args(tiny_sd_dir, instance_dir, tmp_path, tmp_path / "c", 2, train_text_encoder=True)
+    with pytest.raises(ConfigError, match="--train_text_encoder"):
+        parse_config([*args, "--prior_target", "model"], DreamBoothConfig)

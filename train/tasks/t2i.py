@@ -209,16 +209,24 @@ class TextToImageTask:
         timesteps: torch.Tensor,
         input_noise: torch.Tensor | None = None,
         extra_channels: torch.Tensor | None = None,
+        teacher_from: int | None = None,
     ) -> torch.Tensor:
         """w(t)·MSE(UNet(z_t, t, c), y) per sample, (B,) float32 (see the module docstring); `input_noise` (default
         ε) is the noise of z_t when it differs from the target's (--input_perturbation); `extra_channels`
-        (B, C', h, w), when given, are concatenated to z_t (an inpainting UNet's mask and masked-image latents)."""
+        (B, C', h, w), when given, are concatenated to z_t (an inpainting UNet's mask and masked-image latents);
+        `teacher_from`: samples from this index on take the frozen model's prediction at the same (z_t, t, c) as
+        their target y instead of the true one (`teacher_prediction`: a prior kept by distillation)."""
         noisy_latents = self.noise_schedule.add_noise(
             latents, noise if input_noise is None else input_noise, timesteps
         )
         target = diffusion_target(self.noise_schedule, latents, noise, timesteps, self.prediction_type)
         if extra_channels is not None:
             noisy_latents = torch.cat([noisy_latents, extra_channels.to(noisy_latents)], dim=1)
+        if teacher_from is not None:
+            k = teacher_from
+            with torch.no_grad():
+                taught = self.teacher_prediction(unet, noisy_latents[k:], timesteps[k:], prompt_embeds[k:])
+            target = torch.cat([target[:k], taught.to(target.dtype)])
         model_output = unet(noisy_latents, timesteps, prompt_embeds)
         mse = ((model_output.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
         if self.cfg.snr_gamma is None:
@@ -274,7 +282,9 @@ class TextToImageTask:
             input_noise = noise + self.cfg.input_perturbation * rng.randn(*latents.shape[1:])
         extra = self.extra_channels(batch, rng)
         denoiser = self.denoiser(unet, batch)
-        return self.per_sample_loss(denoiser, latents, prompt_embeds, noise, timesteps, input_noise, extra)
+        return self.per_sample_loss(
+            denoiser, latents, prompt_embeds, noise, timesteps, input_noise, extra, self.teacher_from(batch)
+        )
 
     def extra_channels(self, batch: dict[str, Any], rng: BatchRandom) -> torch.Tensor | None:
         """Inputs the UNet reads next to z_t (none for text-to-image; `InpaintingTask` gives mask and image)."""
@@ -283,6 +293,17 @@ class TextToImageTask:
     def denoiser(self, unet: nn.Module, batch: dict[str, Any]):
         """What predicts from (z_t, t, c) for this batch: the UNet (a ControlNet task adds its condition)."""
         return unet
+
+    def teacher_from(self, batch: dict[str, Any]) -> int | None:
+        """The index from which the batch's samples are distilled from the frozen model (none for text-to-image;
+        DreamBooth's `--prior_target model` gives its class half)."""
+        return None
+
+    def teacher_prediction(
+        self, unet: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """The frozen model's prediction at (z_t, t, c), for tasks whose `teacher_from` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen model to distil from")
 
     # ---- validation ----
 
