@@ -96,3 +96,24 @@ def test_eval_checkpoint_loads_the_ema_weights_and_scores_each_prompt_set(tiny_s
     )
     assert set(results) == {"7", "8"} and results["7"]["single"]["num_prompts"] == 1
     assert json.loads(out.read_text())["results"]["8"]["two"]["num_prompts"] == 1
+
+
+def test_denoise_from_scenes_scores_rendered_scenes_and_redraws(tmp_path, one_thread):
+    """The SDEdit diagnostic on the embedded default, two prompts a group: the rendered scenes it starts from are
+    read right (else its rows mean nothing), each strength is scored per group, and the refusals grid is written."""
+    from benchmarks import denoise_from_scenes
+
+    grid, out = tmp_path / "refused.png", tmp_path / "report.json"
+    report = denoise_from_scenes.main(
+        ["--per-group", "2", "--strengths", "1", "0.25", "--steps", "4", "--grid", str(grid), "--json", str(out)]
+    )
+    assert all(report["rendered"][g]["full_match"] == 1.0 for g in ("single", "two", "held_out"))
+    for strength in ("strength 0.25", "strength 1.0"):
+        assert {g: report[strength][g]["num_prompts"] for g in ("single", "two", "held_out")} == {
+            "single": 2,
+            "two": 2,
+            "held_out": 2,
+        }
+    assert grid.is_file() and json.loads(out.read_text())["steps"] == 4
+    with pytest.raises(SystemExit):
+        denoise_from_scenes.main(["--strengths", "0"])

@@ -300,7 +300,11 @@ class TextToImageTask:
         return None
 
     def teacher_prediction(
-        self, unet: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+        self,
+        unet: nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
     ) -> torch.Tensor:
         """The frozen model's prediction at (z_t, t, c), for tasks whose `teacher_from` is not None."""
         raise NotImplementedError(f"{type(self).__name__} has no frozen model to distil from")
