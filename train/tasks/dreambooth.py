@@ -86,7 +86,8 @@ class DreamBoothConfig(LoraConfig):
         "What the class images' term fits: images (the paper's: the true noise of each noised class image) or "
         "model (the frozen base model's own prediction at the same noisy latent, timestep and prompt: a prior kept "
         "by distillation, so the class images may be any images of the class, e.g. real ones, and the prior is "
-        "what the model did, not its samples' flaws).",
+        "what the model did, not its samples' flaws). With --use_lora the teacher is the UNet with its adapters "
+        "switched off; a full fine-tune keeps a frozen copy of the UNet (its size again in memory).",
         choices=("images", "model"),
     )
     class_data_dir: str | None = flag(
